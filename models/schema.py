@@ -1,0 +1,209 @@
+"""Tables of the outbox, the delivery audit and the destinations.
+
+Every table is prefixed ``relay_`` so the schema can live in an application's own database
+beside its tables, and Alembic records its revision in ``relay_alembic_version`` so it never
+collides with the application's own ``alembic_version``.
+
+The message states are drawn once, in README.md ("Message states"). In short::
+
+    pending ──claim──▶ in_flight ──2xx──▶ delivered
+       ▲                  │ ├──408/429/5xx/timeout──▶ retrying ──due──▶ (claimed again)
+       │                  │ ├──400 after bisecting, over 32 KB, limits hit──▶ dead
+       │                  │ └──401/403──▶ held (destination paused; no attempt burnt)
+       │                  └──lease expired (relay died)──▶ retrying (claimable at once)
+       ├── held ◀── no destination / destination disabled or paused; back to pending when fixed
+       ├── coalesced (merged into a later identify of the same customer, see coalesced_into)
+       └── cancelled (by an operator); dead ──relay retry──▶ pending
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+MESSAGE_KINDS = ("identify", "track")
+MESSAGE_STATES = (
+    "pending",
+    "in_flight",
+    "retrying",
+    "held",
+    "delivered",
+    "coalesced",
+    "dead",
+    "cancelled",
+)
+ATTEMPT_OUTCOMES = ("delivered", "retry", "rejected", "unauthorized")
+
+# States in which a message still has to reach Customer.io. A customer's later message may not
+# be sent while an earlier one is in one of these (per-customer order).
+UNFINISHED_STATES = ("pending", "retrying", "in_flight", "held")
+# States the claim query reads.
+DUE_STATES = ("pending", "retrying")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "%(table_name)s_%(column_0_N_name)s_idx",
+            "uq": "%(table_name)s_%(column_0_N_name)s_key",
+            "ck": "%(table_name)s_%(constraint_name)s_check",
+            "pk": "%(table_name)s_pkey",
+        }
+    )
+
+
+class OutboxMessage(Base):
+    """One Customer.io message (identify or track), written in the application's transaction."""
+
+    __tablename__ = "relay_outbox"
+
+    # Write order. Within one customer, writes are sequential, so id order is write order; across
+    # customers ids are not commit order, which is why nothing reads "rows after id N".
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    # The Customer.io messageId: derived from the event id, reused by every retry.
+    message_id: Mapped[str] = mapped_column(Text, nullable=False)
+    event_id: Mapped[str] = mapped_column(Text, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    # The Customer.io userId; per-customer ordering is by this key.
+    customer_key: Mapped[str] = mapped_column(Text, nullable=False)
+    # Which destination (Customer.io workspace) the message goes to; NULL means the default one.
+    project_id: Mapped[str | None] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(Text, nullable=False)
+    # The exact Customer.io batch item, messageId included.
+    body: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    state: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # For a coalesced row: the row whose identify carried its traits. No foreign key: purging
+    # delivered rows in bounded batches must not have to check references.
+    coalesced_into: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    # Set by `relay retry` / `relay cancel`: who changed a message by hand, and when.
+    requeued_by: Mapped[str | None] = mapped_column(Text)
+    requeued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(_in("kind", MESSAGE_KINDS), name="kind"),
+        CheckConstraint(_in("state", MESSAGE_STATES), name="state"),
+        # Recording the same event twice writes nothing the second time: the messageId is
+        # derived from the event id, and inserts use ON CONFLICT (message_id) DO NOTHING.
+        Index("relay_outbox_message_id_key", "message_id", unique=True),
+        # The claim query: due rows in (next_attempt_at, id) order. Partial, so its size is the
+        # backlog, not the history: millions of delivered rows cost it nothing.
+        Index(
+            "relay_outbox_due_idx",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text(_in("state", DUE_STATES)),
+        ),
+        # Per-customer order: "is there an earlier unfinished row of this customer?" and "the
+        # customer's next rows in write order". Partial, so it holds only unfinished rows.
+        Index(
+            "relay_outbox_customer_unfinished_idx",
+            "customer_key",
+            "id",
+            postgresql_where=text(_in("state", UNFINISHED_STATES)),
+        ),
+        # Operators: one customer's whole history (`relay inspect`, the history view).
+        Index("relay_outbox_customer_key_idx", "customer_key", "id"),
+        # Lease rescue: in-flight rows whose lease has expired (their relay died).
+        Index(
+            "relay_outbox_lease_idx",
+            "lease_expires_at",
+            postgresql_where=text("state = 'in_flight'"),
+        ),
+        # Rows waiting for a destination, released when one is configured or un-paused.
+        Index("relay_outbox_held_idx", "project_id", postgresql_where=text("state = 'held'")),
+        # Dead rows, for the dead-letter view and `relay retry`.
+        Index("relay_outbox_dead_idx", "updated_at", postgresql_where=text("state = 'dead'")),
+        {
+            # Every claim and mark is an UPDATE, so the table churns: vacuum early and without
+            # cost delay, or dead tuples pile up in the partial indexes the claim reads.
+            "postgresql_with": {
+                "autovacuum_vacuum_scale_factor": "0.01",
+                "autovacuum_vacuum_cost_delay": "0",
+                "autovacuum_analyze_scale_factor": "0.02",
+            },
+        },
+    )
+
+
+class DeliveryAttempt(Base):
+    """One HTTP request to Customer.io (Svix-style message attempt), for audit."""
+
+    __tablename__ = "relay_attempt"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    relay_instance: Mapped[str] = mapped_column(Text, nullable=False)
+    destination: Mapped[str] = mapped_column(Text, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    latency_ms: Mapped[float] = mapped_column(nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(Text, nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_snippet: Mapped[str | None] = mapped_column(Text)
+    request_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    message_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    # relay_outbox.id of every message in the request, in send order.
+    message_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
+
+    __table_args__ = (
+        CheckConstraint(_in("outcome", ATTEMPT_OUTCOMES), name="outcome"),
+        # "Every attempt that carried message X": array containment (message_ids @> ARRAY[x]).
+        Index("relay_attempt_message_ids_idx", "message_ids", postgresql_using="gin"),
+        # Time-range queries and retention purges.
+        Index("relay_attempt_started_at_idx", "started_at"),
+    )
+
+
+class Destination(Base):
+    """A Customer.io workspace a project's messages go to (region plus write key)."""
+
+    __tablename__ = "relay_destination"
+
+    project_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    region: Mapped[str] = mapped_column(Text, nullable=False)
+    # Overrides the region's base URL (a local Customer.io-compatible server, a proxy).
+    api_url: Mapped[str | None] = mapped_column(Text)
+    write_key: Mapped[str] = mapped_column(Text, nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
+    # Set by a relay that got 401/403: nothing more is sent until the key is changed.
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    __table_args__ = (CheckConstraint("region IN ('us', 'eu')", name="region"),)

@@ -1,0 +1,31 @@
+"""Applying the relay's Alembic migrations from Python (`relay migrate`, tests, the demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from relay.db import sqlalchemy_url
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(dsn: str) -> Config:
+    """An Alembic config for ``dsn`` using the repository's ``alembic/`` scripts."""
+    ini = _ROOT / "alembic.ini"
+    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg.set_main_option("script_location", str(_ROOT / "alembic"))
+    # ConfigParser interpolation: a literal % in a password must be doubled.
+    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(dsn).replace("%", "%%"))
+    cfg.attributes["configure_logging"] = False
+    return cfg
+
+
+def upgrade(dsn: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(dsn), revision)
+
+
+def downgrade(dsn: str, revision: str = "base") -> None:
+    command.downgrade(alembic_config(dsn), revision)

