@@ -32,9 +32,7 @@ def test_upgrade_downgrade_upgrade_on_an_empty_database(empty_dsn: str) -> None:
 def test_models_and_migrations_agree(dsn: str) -> None:
     engine = create_engine(sqlalchemy_url(dsn), poolclass=pool.NullPool)
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(
-            conn, opts={"version_table": "relay_alembic_version"}
-        )
+        ctx = MigrationContext.configure(conn, opts={"version_table": "relay_alembic_version"})
         diff = compare_metadata(ctx, Base.metadata)
     engine.dispose()
     assert diff == []
