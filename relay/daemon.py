@@ -1,0 +1,651 @@
+"""The relay daemon: claim, coalesce, batch, deliver, record; plus its background services.
+
+One delivery cycle (``Relay.deliver_once``):
+
+1. **Claim**, in one short transaction: lock the first due message of up to ``batch_size``
+   customers whose earlier messages are all finished (``OUTBOX_CLAIM_HEADS``), then each such
+   customer's following due messages (``OUTBOX_CLAIM_FOLLOWERS``). Route each to its
+   destination; coalesce each customer's fresh identifies; mark the rows in flight under a lease
+   (or held, when their destination is unusable). Commit. No transaction is open from here on.
+2. **Send**, per destination, in batches (<= ``batch_size`` items, <= 475,000 bytes), customers
+   kept in write order. After each request, one short transaction records the attempt row and
+   every message's outcome.
+3. A customer whose message failed in this cycle has its later messages handed back unsent
+   (``OUTBOX_RELEASE``): they may not overtake it.
+
+Outcomes (see relay/retry.py for the table): 2xx delivered; 408/429/5xx/transport errors
+retried with backoff and jitter (Retry-After honoured) until the attempt or age limit, then
+dead; 400 bisected until the bad messages are found, which are dead with Customer.io's text;
+401/403 pause the destination and hold its messages without counting an attempt.
+
+Delivery is at-least-once: a relay that dies after sending but before recording leaves rows in
+flight; the lease expires, ``OUTBOX_RESCUE_EXPIRED`` makes them claimable, and they are sent
+again under the same messageId.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from relay import queries as q
+from relay.batching import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, bisect, plan_batches
+from relay.client import CustomerIOClient, Destination, SendResult
+from relay.coalesce import Claimed, Plan, coalesce
+from relay.db import first_line, redact_dsn
+from relay.destinations import DEFAULT, Route, Router
+from relay.errors import DatabaseUnavailable
+from relay.metrics import Metrics
+from relay.ratelimit import RateLimiter
+from relay.retry import Outcome, RetryPolicy, classify, decide, parse_retry_after
+from relay.settings import Settings
+
+log = logging.getLogger("relay")
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+@dataclass
+class Item:
+    """One message of a cycle, ready to send."""
+
+    row_id: int
+    customer_key: str
+    event: str
+    encoded: bytes
+    attempts: int
+    age_s: float
+
+
+@dataclass
+class CycleResult:
+    claimed: int = 0
+    delivered: int = 0
+    retrying: int = 0
+    dead: int = 0
+    held: int = 0
+    coalesced: int = 0
+    released: int = 0
+    requests: int = 0
+
+    def add(self, other: CycleResult) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Work:
+    """What one claim gave one destination: items in send order."""
+
+    route: Route
+    items: list[Item] = field(default_factory=list)
+
+
+def _encode(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Relay:
+    """One relay process's state: its connections, destinations and settings.
+
+    ``deliver_once`` runs on one thread at a time (the scheduler's delivery executor has one
+    worker, and drain mode runs on the caller's thread); the background services run on
+    another thread with their own connection, since a psycopg connection serialises its users.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        *,
+        transport_factory: Callable[[Destination], Any] | None = None,
+        rand: Callable[[], float] = random.random,
+        limiter_factory: Callable[[], RateLimiter] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.instance = settings.instance
+        self.metrics = Metrics()
+        self.policy = RetryPolicy(
+            base_s=settings.backoff_base_s,
+            cap_s=settings.backoff_cap_s,
+            max_attempts=settings.max_attempts,
+            max_age_s=settings.max_age_s,
+            retry_after_cap_s=settings.retry_after_cap_s,
+        )
+        self._rand = rand
+        default = (
+            Destination(DEFAULT, settings.base_url, settings.write_key)
+            if settings.write_key
+            else None
+        )
+
+        def make_client(dest: Destination) -> CustomerIOClient:
+            transport = transport_factory(dest) if transport_factory else None
+            return CustomerIOClient(
+                dest,
+                timeout_s=settings.http_timeout_s,
+                verify_tls=settings.verify_tls,
+                transport=transport,
+            )
+
+        per_window = max(2, int(settings.rate_per_s * 3))
+        self.router = Router(
+            default,
+            client_factory=make_client,
+            limiter_factory=limiter_factory
+            or (
+                lambda: RateLimiter.for_customerio(
+                    requests=per_window, burst=max(1, min(60, per_window // 2))
+                )
+            ),
+        )
+        self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self._work_conn: Conn | None = None
+        self._svc_conn: Conn | None = None
+        self._svc_lock = threading.Lock()
+        self._destinations_at = 0.0
+
+    # --- connections -------------------------------------------------------------------------
+
+    def _connect(self, purpose: str) -> Conn:
+        try:
+            conn = psycopg.connect(
+                self.dsn, application_name=f"relay {purpose} {self.instance}", connect_timeout=10
+            )
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(
+                f"cannot connect to {redact_dsn(self.dsn)}: {first_line(str(exc))}"
+            ) from exc
+        conn.execute(q.SESSION_ASYNC_COMMIT)
+        conn.commit()
+        return conn
+
+    @contextmanager
+    def _work(self) -> Iterator[Conn]:
+        """The delivery connection; dropped on a database error so the next cycle reconnects."""
+        if self._work_conn is None or self._work_conn.closed:
+            self._work_conn = self._connect("deliver")
+        try:
+            yield self._work_conn
+        except psycopg.OperationalError as exc:
+            self._work_conn.close()
+            self._work_conn = None
+            raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
+
+    @contextmanager
+    def _svc(self) -> Iterator[Conn]:
+        with self._svc_lock:
+            if self._svc_conn is None or self._svc_conn.closed:
+                self._svc_conn = self._connect("services")
+            try:
+                yield self._svc_conn
+            except psycopg.OperationalError as exc:
+                self._svc_conn.close()
+                self._svc_conn = None
+                raise DatabaseUnavailable(
+                    f"database connection lost: {first_line(str(exc))}"
+                ) from exc
+
+    def close(self) -> None:
+        for conn in (self._work_conn, self._svc_conn):
+            if conn is not None and not conn.closed:
+                conn.close()
+        self._work_conn = self._svc_conn = None
+        self.router.close()
+
+    # --- destinations ------------------------------------------------------------------------
+
+    def refresh_destinations(self, conn: Conn | None = None) -> None:
+        if conn is None:
+            with self._svc() as svc:
+                self.refresh_destinations(svc)
+                return
+        with conn.transaction():
+            rows = conn.execute(q.DESTINATION_LIST).fetchall()
+        self.router.refresh(rows)
+        self._destinations_at = time.monotonic()
+        self.metrics.paused.set(len(self.router.paused))
+
+    # --- background services ----------------------------------------------------------------
+
+    def rescue(self) -> int:
+        """Make rows whose lease expired claimable again (their relay died mid-cycle)."""
+        with self._svc() as conn, conn.transaction():
+            rows = conn.execute(q.OUTBOX_RESCUE_EXPIRED).fetchall()
+        if rows:
+            log.warning("rescued %d in-flight messages whose lease expired", len(rows))
+            self.metrics.rescues.inc(len(rows))
+            self.wake()
+        return len(rows)
+
+    def release_held(self) -> int:
+        """Send held rows back to the queue once their destination is usable."""
+        with self._svc() as conn:
+            self.refresh_destinations(conn)
+            with conn.transaction():
+                rows = conn.execute(q.OUTBOX_RELEASE_HELD, self.router.release_params()).fetchall()
+        if rows:
+            log.info("released %d held messages: their destination is usable again", len(rows))
+            self.wake()
+        return len(rows)
+
+    def refresh_metrics(self) -> dict[str, Any]:
+        with self._svc() as conn, conn.transaction():
+            rows = conn.execute(q.OUTBOX_BACKLOG).fetchall()
+        oldest = 0.0
+        for state in ("pending", "retrying", "in_flight", "held"):
+            self.metrics.backlog.labels(state).set(0)
+        for state, n, oldest_s in rows:
+            self.metrics.backlog.labels(state).set(n)
+            oldest = max(oldest, oldest_s or 0.0)
+        self.metrics.oldest.set(oldest)
+        return {state: n for state, n, _ in rows}
+
+    def count_active(self) -> tuple[int, int]:
+        with self._svc() as conn, conn.transaction():
+            row = conn.execute(q.OUTBOX_COUNT_ACTIVE).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    # --- one delivery cycle ------------------------------------------------------------------
+
+    def deliver_once(self) -> CycleResult:
+        with self._work() as conn:
+            if time.monotonic() - self._destinations_at > 5.0:
+                self.refresh_destinations(conn)
+            result, work = self._claim(conn)
+            if not work:
+                return result
+            try:
+                for unit in work.values():
+                    self._send_destination(conn, unit, result)
+            except BaseException:
+                # Whatever happened (a bug, the database went away), rows still in flight stay
+                # leased to us and are rescued when the lease expires.
+                raise
+            return result
+
+    def _claim(self, conn: Conn) -> tuple[CycleResult, dict[str, _Work]]:
+        result = CycleResult()
+        size = self.settings.batch_size
+        budget = size * 4
+        work: dict[str, _Work] = {}
+        with conn.transaction():
+            heads = conn.execute(q.OUTBOX_CLAIM_HEADS, {"customers": size}).fetchall()
+            if not heads:
+                return result, work
+            rows = conn.execute(
+                q.OUTBOX_CLAIM_FOLLOWERS,
+                {
+                    "head_ids": [h[0] for h in heads],
+                    "customer_keys": [h[1] for h in heads],
+                    "per_customer": size,
+                },
+            ).fetchall()
+            by_customer: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+            for row in rows:
+                by_customer[row[1]].append(row)
+
+            in_flight: list[int] = []
+            held: dict[str, list[int]] = defaultdict(list)
+            coalesced: dict[int, int] = {}
+            rewritten: dict[int, bytes] = {}
+            oversize: list[int] = []
+            taken = 0
+            for _head_id, customer in heads:
+                run = self._due_run(by_customer.get(customer, []))
+                if not run:
+                    continue
+                if taken and taken + len(run) > budget:
+                    break  # left pending, unlocked at commit; the next cycle takes them
+                taken += len(run)
+                route = self.router.route(run[0][3])
+                if route.destination is None:
+                    held[route.reason or "no destination"].extend(r[0] for r in run)
+                    continue
+                plan = self._coalesce(run)
+                unit = work.setdefault(route.pause_key, _Work(route))
+                kinds = {r[0]: r for r in run}
+                for out in plan.send:
+                    encoded = (
+                        rewritten.setdefault(out.row_id, _encode(out.body))
+                        if out.row_id in plan.rewritten
+                        else _encode(out.body)
+                    )
+                    row = kinds[out.row_id]
+                    if len(encoded) > MAX_MESSAGE_BYTES:
+                        oversize.append(out.row_id)
+                        in_flight.append(out.row_id)
+                        continue
+                    in_flight.append(out.row_id)
+                    event = row[2] if row[2] == "identify" else str(out.body.get("event", "track"))
+                    unit.items.append(
+                        Item(out.row_id, customer, event, encoded, int(row[5]), float(row[8]))
+                    )
+                coalesced.update(plan.coalesced_into)
+                if plan.coalesced_into:
+                    self.metrics.coalesced.labels(route.pause_key).inc(len(plan.coalesced_into))
+
+            if in_flight:
+                conn.execute(
+                    q.OUTBOX_MARK_IN_FLIGHT,
+                    {"ids": in_flight, "owner": self.instance, "lease_s": self.settings.lease_s},
+                )
+            if coalesced:
+                conn.execute(
+                    q.OUTBOX_MARK_COALESCED,
+                    {"ids": list(coalesced), "into_ids": list(coalesced.values())},
+                )
+            if rewritten:
+                conn.execute(
+                    q.OUTBOX_REWRITE_BODIES,
+                    {"ids": list(rewritten), "bodies": [b.decode() for b in rewritten.values()]},
+                )
+            for reason, ids in held.items():
+                conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason})
+                log.warning("holding %d messages: %s", len(ids), reason)
+            if oversize:
+                # Never reaches the network: Customer.io would reject it, and so would every retry.
+                self._record_outcomes(
+                    conn,
+                    [
+                        (
+                            i,
+                            "dead",
+                            0,
+                            0.0,
+                            f"message is over Customer.io's {MAX_MESSAGE_BYTES}-byte limit",
+                        )
+                        for i in oversize
+                    ],
+                )
+        result.claimed = taken
+        result.coalesced = len(coalesced)
+        result.held = sum(len(v) for v in held.values())
+        result.dead = len(oversize)
+        return result, work
+
+    @staticmethod
+    def _due_run(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The customer's leading rows that can go now, all to the same project.
+
+        Stops at the first row that is held, in flight or not yet due (a later retry): nothing
+        after it may overtake it.
+        """
+        run: list[tuple[Any, ...]] = []
+        for row in rows:
+            _id, _cust, _kind, project, _body, _att, state, due, _age = row
+            if state not in ("pending", "retrying") or not due:
+                break
+            if run and project != run[0][3]:
+                break
+            run.append(row)
+        return run
+
+    @staticmethod
+    def _coalesce(run: Sequence[tuple[Any, ...]]) -> Plan:
+        plan = coalesce([Claimed(r[0], r[2], r[4], int(r[5])) for r in run])
+        # A merged identify that grows past Customer.io's limit would be dead while each of its
+        # parts would have gone through: send the parts instead.
+        if any(len(_encode(b)) > MAX_MESSAGE_BYTES for b in plan.rewritten.values()):
+            return coalesce_none(run)
+        return plan
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def _send_destination(self, conn: Conn, unit: _Work, result: CycleResult) -> None:
+        dest = unit.route.destination
+        assert dest is not None
+        items = unit.items
+        blocked: set[str] = set()  # customers with a failed message in this cycle
+        leftovers: list[int] = []
+        paused = False
+        lease_renewed = time.monotonic()
+        ranges = plan_batches(
+            [len(i.encoded) for i in items],
+            max_items=self.settings.batch_size,
+            max_bytes=MAX_BATCH_BYTES,
+        )
+        for n, rng in enumerate(ranges):
+            batch = [items[i] for i in rng]
+            if paused or self.stopping.is_set():
+                leftovers.extend(i.row_id for r in ranges[n:] for i in (items[j] for j in r))
+                break
+            ready = [i for i in batch if i.customer_key not in blocked]
+            leftovers.extend(i.row_id for i in batch if i.customer_key in blocked)
+            if not ready:
+                continue
+            if time.monotonic() - lease_renewed > self.settings.lease_s / 3:
+                rest = [items[j].row_id for r in ranges[n:] for j in r]
+                with conn.transaction():
+                    conn.execute(
+                        q.OUTBOX_EXTEND_LEASE,
+                        {"ids": rest, "owner": self.instance, "lease_s": self.settings.lease_s},
+                    )
+                lease_renewed = time.monotonic()
+            if self._send(conn, unit.route, ready, blocked, result) == Outcome.UNAUTHORIZED:
+                paused = True
+        if leftovers:
+            with conn.transaction():
+                conn.execute(
+                    q.OUTBOX_RELEASE, {"ids": leftovers, "owner": self.instance, "delay_s": 0.0}
+                )
+            result.released += len(leftovers)
+            if paused:
+                self._hold_paused(conn, unit.route, leftovers)
+
+    def _send(
+        self,
+        conn: Conn,
+        route: Route,
+        items: list[Item],
+        blocked: set[str],
+        result: CycleResult,
+    ) -> Outcome:
+        dest = route.destination
+        assert dest is not None
+        client, limiter = self.router.client(dest)
+        limiter.acquire()
+        res = client.send_batch([i.encoded for i in items])
+        result.requests += 1
+        outcome = classify(res.status_code, res.error_kind)
+        name = route.pause_key
+        self.metrics.requests.labels(name, str(res.status_code or res.error_kind)).inc()
+        self.metrics.latency.labels(name).observe(res.latency_s)
+        self.metrics.batch_size.observe(len(items))
+        error = self._describe(res)
+
+        if outcome is Outcome.DELIVERED:
+            self._record(
+                conn,
+                route,
+                res,
+                "delivered",
+                items,
+                [(i.row_id, "delivered", 1, 0.0, None) for i in items],
+            )
+            result.delivered += len(items)
+            self._count(name, items, "delivered")
+            return outcome
+
+        if outcome is Outcome.RETRY:
+            retry_after = parse_retry_after(res.retry_after, datetime.now(UTC))
+            rows: list[tuple[int, str, int, float, str | None]] = []
+            for i in items:
+                d = decide(i.attempts + 1, i.age_s, retry_after, self.policy, self._rand())
+                if d.dead:
+                    rows.append((i.row_id, "dead", 1, 0.0, f"{error}; {d.reason}"))
+                    result.dead += 1
+                    self._count(name, [i], "dead")
+                else:
+                    rows.append((i.row_id, "retrying", 1, d.delay_s, error))
+                    blocked.add(i.customer_key)
+                    result.retrying += 1
+                    self._count(name, [i], "retrying")
+            self._record(conn, route, res, "retry", items, rows)
+            log.warning("destination %s: %s; %d messages to retry", name, error, len(items))
+            return outcome
+
+        if outcome is Outcome.UNAUTHORIZED:
+            reason = f"Customer.io answered {res.status_code}: the write key was refused"
+            self._record(
+                conn,
+                route,
+                res,
+                "unauthorized",
+                items,
+                [(i.row_id, "held", 0, 0.0, f"destination paused: {reason}") for i in items],
+            )
+            self._pause(conn, route, reason)
+            for i in items:
+                blocked.add(i.customer_key)
+            result.held += len(items)
+            self._count(name, items, "held")
+            return outcome
+
+        # REJECTED: something in the batch is bad. Customer.io rejects the whole request, so
+        # bisect until each bad message stands alone; the good ones are delivered on the way.
+        if len(items) == 1:
+            i = items[0]
+            reason = f"rejected by Customer.io ({res.status_code}): {res.response_snippet}"
+            self._record(conn, route, res, "rejected", items, [(i.row_id, "dead", 1, 0.0, reason)])
+            result.dead += 1
+            self._count(name, items, "dead")
+            log.error("destination %s: message row %d is dead: %s", name, i.row_id, reason)
+            return outcome
+        self._record(conn, route, res, "rejected", items, [])
+        left, right = bisect(len(items))
+        for half in (left, right):
+            part = [items[j] for j in half if items[j].customer_key not in blocked]
+            skipped = [items[j].row_id for j in half if items[j].customer_key in blocked]
+            if skipped:
+                with conn.transaction():
+                    conn.execute(
+                        q.OUTBOX_RELEASE,
+                        {"ids": skipped, "owner": self.instance, "delay_s": 0.0},
+                    )
+                result.released += len(skipped)
+            if part and self._send(conn, route, part, blocked, result) is Outcome.UNAUTHORIZED:
+                return Outcome.UNAUTHORIZED
+        return outcome
+
+    def _count(self, destination: str, items: Sequence[Item], outcome: str) -> None:
+        for i in items:
+            self.metrics.messages.labels(destination, i.event, outcome).inc()
+
+    @staticmethod
+    def _describe(res: SendResult) -> str | None:
+        if res.status_code is None:
+            return f"{res.error_kind}: {res.error}"
+        if 200 <= res.status_code < 300:
+            return None
+        snippet = res.response_snippet.strip()
+        return f"HTTP {res.status_code}" + (f": {snippet[:200]}" if snippet else "")
+
+    def _record(
+        self,
+        conn: Conn,
+        route: Route,
+        res: SendResult,
+        outcome: str,
+        items: Sequence[Item],
+        rows: Sequence[tuple[int, str, int, float, str | None]],
+    ) -> None:
+        """One transaction: the attempt row and every message's new state."""
+        with conn.transaction():
+            conn.execute(
+                q.ATTEMPT_INSERT,
+                {
+                    "relay_instance": self.instance,
+                    "destination": route.pause_key,
+                    "started_at": res.started_at,
+                    "latency_ms": res.latency_s * 1000.0,
+                    "status_code": res.status_code,
+                    "outcome": outcome,
+                    "error": self._describe(res),
+                    "response_snippet": res.response_snippet[:500] or None,
+                    "request_bytes": res.request_bytes,
+                    "message_count": len(items),
+                    "message_ids": [i.row_id for i in items],
+                },
+            )
+            if rows:
+                self._record_outcomes(conn, rows)
+
+    def _record_outcomes(
+        self, conn: Conn, rows: Sequence[tuple[int, str, int, float, str | None]]
+    ) -> None:
+        conn.execute(
+            q.OUTBOX_RECORD_OUTCOMES,
+            {
+                "ids": [r[0] for r in rows],
+                "states": [r[1] for r in rows],
+                "attempted": [r[2] for r in rows],
+                "delays": [r[3] for r in rows],
+                "errors": [r[4] for r in rows],
+                "owner": self.instance,
+            },
+        )
+
+    def _pause(self, conn: Conn, route: Route, reason: str) -> None:
+        dest = route.destination
+        assert dest is not None
+        log.error(
+            "DESTINATION PAUSED: %s (%s). Nothing more is sent to it until its key is fixed "
+            "(relay destinations set, or CUSTOMERIO_WRITE_KEY and a restart).",
+            route.pause_key,
+            reason,
+        )
+        if route.pause_key == DEFAULT:
+            self.router.pause_default(reason)
+        else:
+            with conn.transaction():
+                conn.execute(
+                    q.DESTINATION_PAUSE,
+                    {"project_id": route.pause_key, "write_key": dest.write_key, "reason": reason},
+                )
+            self.refresh_destinations(conn)
+        self.metrics.paused.set(len(self.router.paused))
+
+    def _hold_paused(self, conn: Conn, route: Route, ids: list[int]) -> None:
+        with conn.transaction():
+            conn.execute(
+                q.OUTBOX_MARK_HELD,
+                {"ids": ids, "reason": f"destination {route.pause_key} is paused"},
+            )
+
+    # --- release on shutdown ------------------------------------------------------------------
+
+    def release_all(self) -> int:
+        """Hand back anything still leased to this instance (used at shutdown)."""
+        with self._svc() as conn, conn.transaction():
+            cur = conn.execute(
+                "UPDATE relay_outbox SET state = CASE WHEN attempts > 0 THEN 'retrying' "
+                "ELSE 'pending' END, lease_owner = NULL, lease_expires_at = NULL, "
+                "updated_at = now() WHERE state = 'in_flight' AND lease_owner = %(owner)s",
+                {"owner": self.instance},
+            )
+            return cur.rowcount
+
+
+def coalesce_none(run: Sequence[tuple[Any, ...]]) -> Plan:
+    """A plan that sends every row as it is, in write order."""
+    from relay.coalesce import Outgoing
+
+    return Plan(tuple(Outgoing(r[0], r[4]) for r in run), {}, {})

@@ -1,0 +1,452 @@
+"""Tests for relay.client: headers, body, status and error reporting, and key secrecy."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from relay.client import (
+    REGION_URLS,
+    CustomerIOClient,
+    Destination,
+    SendResult,
+    base_url_for,
+    mask_key,
+)
+from relay.errors import ConfigError
+
+KEY = "wk_abcdEFGH1234ijklMNOP5678qrstU"  # 32 characters
+TOKEN = base64.b64encode(f"{KEY}:".encode()).decode("ascii")
+US = "https://cdp.customer.io"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def destination(base_url: str = US, key: str = KEY) -> Destination:
+    return Destination(name="proj_1", base_url=base_url, write_key=key)
+
+
+def make_client(handler: Handler) -> CustomerIOClient:
+    return CustomerIOClient(destination(), transport=httpx.MockTransport(handler))
+
+
+class Recorder:
+    """A MockTransport handler that keeps every request and answers with a fixed response."""
+
+    def __init__(
+        self, status: int = 200, body: bytes = b"{}", headers: dict[str, str] | None = None
+    ) -> None:
+        self.requests: list[httpx.Request] = []
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        return httpx.Response(self.status, content=self.body, headers=self.headers)
+
+
+def assert_no_key(text: str) -> None:
+    assert KEY not in text
+    assert TOKEN not in text
+
+
+def assert_result_has_no_key(result: SendResult) -> None:
+    for f in dataclasses.fields(result):
+        assert_no_key(str(getattr(result, f.name)))
+    assert_no_key(repr(result))
+
+
+ITEMS = [
+    b'{"type":"identify","userId":"u1","traits":{"plan":"pro"},"messageId":"m1"}',
+    b'{"type":"track","userId":"u1","event":"Signed Up","messageId":"m2"}',
+    # Kept byte for byte: a non-ASCII escape and unusual spacing must not be re-encoded.
+    b'{"type":"track", "userId":"u2","event":"caf\\u00e9","messageId":"m3"}',
+]
+
+
+# --- request shape ------------------------------------------------------------------------
+
+
+def test_request_headers_and_url() -> None:
+    rec = Recorder()
+    with make_client(rec) as client:
+        client.send_batch(ITEMS)
+    (req,) = rec.requests
+    assert req.method == "POST"
+    assert str(req.url) == "https://cdp.customer.io/v1/batch"
+    assert req.headers["X-Strict-Mode"] == "1"
+    assert req.headers["Authorization"] == f"Basic {TOKEN}"
+    assert base64.b64decode(req.headers["Authorization"].split()[1]) == f"{KEY}:".encode()
+    assert req.headers["Content-Type"] == "application/json"
+    assert req.headers["User-Agent"] == "appfunnel-cio-relay"
+
+
+def test_custom_user_agent_and_override_url_with_path() -> None:
+    rec = Recorder()
+    dest = destination(base_url_for("us", "https://proxy.internal/cio/"))
+    with CustomerIOClient(
+        dest, transport=httpx.MockTransport(rec), user_agent="relay/1.2"
+    ) as client:
+        client.send_batch(ITEMS[:1])
+    (req,) = rec.requests
+    assert str(req.url) == "https://proxy.internal/cio/v1/batch"
+    assert req.headers["User-Agent"] == "relay/1.2"
+
+
+def test_body_is_items_spliced_in_order_with_sent_at() -> None:
+    rec = Recorder()
+    with make_client(rec) as client:
+        result = client.send_batch(ITEMS)
+    body = rec.requests[0].content
+    assert body.startswith(b'{"batch":[' + b",".join(ITEMS) + b'],"sentAt":"')
+    assert result.request_bytes == len(body)
+
+    parsed = json.loads(body)
+    assert set(parsed) == {"batch", "sentAt"}
+    assert [m["messageId"] for m in parsed["batch"]] == ["m1", "m2", "m3"]
+    assert parsed["batch"] == [json.loads(item) for item in ITEMS]
+
+    sent_at = parsed["sentAt"]
+    assert sent_at.endswith("Z")
+    moment = datetime.fromisoformat(sent_at)
+    assert moment.utcoffset() == timedelta(0)
+    assert result.started_at.tzinfo is not None
+    assert result.started_at.utcoffset() == timedelta(0)
+    assert abs(moment - result.started_at) < timedelta(milliseconds=1)
+    assert abs(datetime.now(UTC) - moment) < timedelta(seconds=60)
+
+
+def test_empty_batch_is_a_caller_error() -> None:
+    with make_client(Recorder()) as client, pytest.raises(ValueError):
+        client.send_batch([])
+
+
+def test_redirect_is_reported_not_followed() -> None:
+    rec = Recorder(status=307, body=b"", headers={"Location": "https://elsewhere.example/v1/batch"})
+    with make_client(rec) as client:
+        result = client.send_batch(ITEMS)
+    assert result.status_code == 307
+    assert len(rec.requests) == 1
+
+
+# --- statuses -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "retry_after"),
+    [
+        (200, b"{}", {}, None),
+        (400, b'{"error":"batch too large"}', {}, None),
+        (401, b'{"error":"unauthorized"}', {}, None),
+        (429, b"slow down", {"Retry-After": "7"}, "7"),
+        (
+            503,
+            b"maintenance",
+            {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+        ),
+        (500, b"", {}, None),
+    ],
+)
+def test_status_reported_faithfully(
+    status: int, body: bytes, headers: dict[str, str], retry_after: str | None
+) -> None:
+    with make_client(Recorder(status, body, headers)) as client:
+        result = client.send_batch(ITEMS)
+    assert result.status_code == status
+    assert result.error_kind is None
+    assert result.error is None
+    assert result.retry_after == retry_after
+    assert result.response_snippet == body.decode()
+    assert result.latency_s >= 0
+    assert_result_has_no_key(result)
+
+
+def test_snippet_is_truncated_to_500_chars() -> None:
+    with make_client(Recorder(500, b"x" * 5000)) as client:
+        result = client.send_batch(ITEMS)
+    assert result.response_snippet == "x" * 500
+
+
+def test_key_echoed_by_server_is_redacted_from_snippet() -> None:
+    # The key sits across the 500-character cut: no prefix of it may survive truncation.
+    body = ("a" * 490 + KEY + " Basic " + TOKEN).encode()
+    with make_client(Recorder(401, body)) as client:
+        result = client.send_batch(ITEMS)
+    assert_result_has_no_key(result)
+    assert KEY[:10] not in result.response_snippet
+    assert result.response_snippet == "a" * 490 + "[redacted]"
+
+
+# --- transport failures -------------------------------------------------------------------
+
+
+def raising(exc_type: type[httpx.RequestError], message: str = "boom") -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc_type(message, request=request)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("exc_type", "kind"),
+    [
+        (httpx.ConnectTimeout, "timeout"),
+        (httpx.ReadTimeout, "timeout"),
+        (httpx.WriteTimeout, "timeout"),
+        (httpx.PoolTimeout, "timeout"),
+        (httpx.ConnectError, "connect"),
+        (httpx.RemoteProtocolError, "protocol"),
+        (httpx.LocalProtocolError, "protocol"),
+        (httpx.ReadError, "protocol"),
+        (httpx.WriteError, "protocol"),
+        (httpx.CloseError, "protocol"),
+        (httpx.ProxyError, "protocol"),
+        (httpx.DecodingError, "protocol"),
+    ],
+)
+def test_transport_errors_map_to_error_kind(exc_type: type[httpx.RequestError], kind: str) -> None:
+    with make_client(raising(exc_type, "peer went away")) as client:
+        result = client.send_batch(ITEMS)
+    assert result.status_code is None
+    assert result.error_kind == kind
+    assert result.error == f"{exc_type.__name__}: peer went away"
+    assert result.retry_after is None
+    assert result.response_snippet == ""
+    assert result.request_bytes > 0
+    assert result.latency_s >= 0
+
+
+def test_error_text_is_redacted_and_bounded() -> None:
+    message = f"failed with Authorization: Basic {TOKEN} for key {KEY} " + "z" * 1000
+    with make_client(raising(httpx.RemoteProtocolError, message)) as client:
+        result = client.send_batch(ITEMS)
+    assert_result_has_no_key(result)
+    assert result.error is not None
+    assert "[redacted]" in result.error
+    assert len(result.error) <= 300
+
+
+def test_error_without_message_names_the_exception() -> None:
+    with make_client(raising(httpx.ReadError, "")) as client:
+        result = client.send_batch(ITEMS)
+    assert result.error == "ReadError"
+
+
+# --- the key is never shown ---------------------------------------------------------------
+
+
+def test_destination_repr_and_str_mask_the_key() -> None:
+    dest = destination()
+    for text in (repr(dest), str(dest), f"{dest}", f"{dest!r}", repr([dest])):
+        assert_no_key(text)
+        assert "wk_a…(32 chars)" in text
+    assert "proj_1" in str(dest)
+    assert_no_key(repr(CustomerIOClient(dest, transport=httpx.MockTransport(Recorder()))))
+
+
+def test_key_never_in_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    outcomes: list[Handler] = [
+        Recorder(200),
+        Recorder(401, f"bad key {KEY}".encode()),
+        raising(httpx.ConnectError, f"cannot reach, key={KEY}"),
+        raising(httpx.ReadTimeout, f"Basic {TOKEN}"),
+    ]
+    for handler in outcomes:
+        with CustomerIOClient(
+            destination(), verify_tls=False, transport=httpx.MockTransport(handler)
+        ) as client:
+            client.send_batch(ITEMS)
+    assert caplog.records, "expected the client to log"
+    assert any(r.levelno == logging.WARNING for r in caplog.records)
+    assert_no_key(caplog.text)
+    for record in caplog.records:
+        assert_no_key(record.getMessage())
+
+
+def test_config_errors_do_not_show_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        Destination(name="p", base_url="cdp.customer.io", write_key=KEY)
+    assert_no_key(str(info.value))
+    with pytest.raises(ConfigError) as info:
+        Destination(name="p", base_url=US, write_key=KEY + "\n")
+    assert_no_key(str(info.value))
+    assert "wk_a" in str(info.value)
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+def test_verify_tls_false_warns_once_naming_the_destination(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="relay.client")
+    CustomerIOClient(destination(), verify_tls=False).close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "TLS" in message
+    assert "proj_1" in message
+    assert "wk_a…(32 chars)" in message
+    assert_no_key(message)
+
+
+def test_verify_tls_default_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="relay.client")
+    CustomerIOClient(destination()).close()
+    CustomerIOClient(destination("http://127.0.0.1:8080")).close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_plain_http_to_a_remote_host_warns(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="relay.client")
+    CustomerIOClient(destination("http://fake-cio.internal:8080")).close()
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = warning.getMessage()
+    assert "plain HTTP" in message
+    assert "proj_1" in message
+    assert_no_key(message)
+
+
+# --- lifecycle and keep-alive -------------------------------------------------------------
+
+
+class ClosingTransport(httpx.MockTransport):
+    def __init__(self, handler: Handler) -> None:
+        super().__init__(handler)
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_context_manager_closes_the_http_client() -> None:
+    transport = ClosingTransport(Recorder())
+    with CustomerIOClient(destination(), transport=transport) as client:
+        client.send_batch(ITEMS)
+    assert transport.closed == 1
+    with pytest.raises(RuntimeError):
+        client.send_batch(ITEMS)
+
+
+def test_non_positive_timeout_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        CustomerIOClient(destination(), timeout_s=0)
+
+
+@pytest.fixture
+def loopback_server() -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """A local HTTP/1.1 server that records the client address of every request."""
+    peers: list[tuple[str, int]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            peers.append(self.client_address[:2])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", peers
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_requests_reuse_one_keep_alive_connection(
+    loopback_server: tuple[str, list[tuple[str, int]]],
+) -> None:
+    url, peers = loopback_server
+    with CustomerIOClient(destination(url)) as client:
+        results = [client.send_batch(ITEMS) for _ in range(3)]
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert len(peers) == 3
+    assert len(set(peers)) == 1, "each request opened a new connection"
+
+
+# --- base_url_for and Destination validation ----------------------------------------------
+
+
+def test_base_url_for_regions() -> None:
+    assert base_url_for("us") == "https://cdp.customer.io"
+    assert base_url_for("eu") == "https://cdp-eu.customer.io"
+    assert base_url_for(" EU ") == REGION_URLS["eu"]
+
+
+def test_base_url_for_override_wins() -> None:
+    assert base_url_for("eu", "https://mock.local:8443/") == "https://mock.local:8443"
+    assert base_url_for("mars", "https://mock.local") == "https://mock.local"
+    assert base_url_for("eu", "  ") == REGION_URLS["eu"]
+
+
+def test_base_url_for_unknown_region() -> None:
+    with pytest.raises(ConfigError) as info:
+        base_url_for("mars")
+    message = str(info.value)
+    assert "'mars'" in message
+    assert "'us'" in message
+    assert "'eu'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "masked"),
+    [
+        (KEY, "wk_a…(32 chars)"),
+        ("123456789", "1234…(9 chars)"),
+        ("12345678", "…(8 chars)"),
+        ("abc", "…(3 chars)"),
+        ("x", "…(1 char)"),
+        ("", "…(0 chars)"),
+    ],
+)
+def test_mask_key(key: str, masked: str) -> None:
+    assert mask_key(key) == masked
+
+
+@pytest.mark.parametrize(
+    ("name", "base_url", "key"),
+    [
+        ("", US, KEY),
+        ("p", US, ""),
+        ("p", US, " " + KEY),
+        ("p", US, KEY + "\r\n"),
+        ("p", "ftp://cdp.customer.io", KEY),
+        ("p", "cdp.customer.io", KEY),
+        ("p", "https://", KEY),
+        ("p", "https://[::1", KEY),
+    ],
+)
+def test_destination_rejects_bad_settings(name: str, base_url: str, key: str) -> None:
+    with pytest.raises(ConfigError):
+        Destination(name=name, base_url=base_url, write_key=key)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost:4010", "http://127.0.0.1:9", "http://[::1]:80", "http://fake-cio:80"]
+)
+def test_destination_accepts_http_urls(url: str) -> None:
+    assert Destination(name="p", base_url=url, write_key=KEY).base_url == url

@@ -1,0 +1,283 @@
+"""The relay against a real PostgreSQL and a real local Customer.io-compatible server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from relay.daemon import Relay
+from relay.fakecio import FakeCustomerIO
+from relay.service import drain
+from tests.relay_helpers import (
+    KEY,
+    funnel_event,
+    make_relay,
+    query,
+    states,
+    write_events,
+)
+
+
+@pytest.fixture
+def cio() -> Iterator[FakeCustomerIO]:
+    with FakeCustomerIO(write_keys={KEY}) as server:
+        yield server
+
+
+def run_drain(relay: Relay, timeout: float = 20.0) -> None:
+    ok, _ = drain(relay, timeout)
+    assert ok, f"drain timed out; states: {states(relay.dsn)}"
+
+
+def attempts(dsn: str) -> list[tuple[Any, ...]]:
+    return query(
+        dsn,
+        "SELECT status_code, outcome, message_count, error FROM relay_attempt ORDER BY id",
+    )
+
+
+def test_ten_events_for_one_customer_send_one_identify_then_ten_tracks(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    write_events(dsn, [funnel_event("cus_1", n) for n in range(10)])
+    run_drain(make_relay(dsn, cio))
+
+    items = cio.accepted_items()
+    assert [i["type"] for i in items] == ["identify"] + ["track"] * 10
+    assert [i["properties"]["n"] for i in items[1:]] == list(range(10))
+    identify = items[0]
+    # traits merged key by key, newest value winning, with the newest timestamp
+    assert identify["traits"]["name"] == "Name 9" and identify["traits"]["city"] == "City 9"
+    assert identify["timestamp"] == "2026-11-28T10:00:09.000Z"
+    assert len(cio.requests) == 1
+
+    rows = query(
+        dsn,
+        "SELECT id, kind, state, coalesced_into, attempts, message_id FROM relay_outbox"
+        " WHERE kind = 'identify' ORDER BY id",
+    )
+    carrier = [r for r in rows if r[2] == "delivered"]
+    assert len(carrier) == 1 and carrier[0][0] == rows[-1][0]  # the last identify carried it
+    assert identify["messageId"] == carrier[0][5]
+    merged = [r for r in rows if r[2] == "coalesced"]
+    assert len(merged) == 9 and all(r[3] == carrier[0][0] for r in merged)
+    assert states(dsn) == {"delivered": 11, "coalesced": 9}
+    # the carrier row stores what was sent, so a retry would re-send the merged identify
+    stored = query(dsn, "SELECT body FROM relay_outbox WHERE id = %s", (carrier[0][0],))[0][0]
+    assert stored["traits"] == identify["traits"]
+
+
+def test_delivered_batch_records_one_attempt_and_delivered_rows(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    write_events(dsn, [funnel_event(f"cus_{i}", 0) for i in range(30)])
+    run_drain(make_relay(dsn, cio))
+    assert states(dsn) == {"delivered": 60}
+    assert attempts(dsn) == [(200, "delivered", 60, None)]
+    row = query(
+        dsn,
+        "SELECT min(attempts), max(attempts), bool_and(delivered_at IS NOT NULL),"
+        " bool_and(lease_owner IS NULL) FROM relay_outbox",
+    )[0]
+    assert row == (1, 1, True, True)
+    # strict mode on every request, so Customer.io cannot 200-and-drop
+    assert all(r.strict for r in cio.requests)
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "drop"])
+def test_retryable_failure_is_retried_then_delivered(
+    dsn: str, cio: FakeCustomerIO, fault: str
+) -> None:
+    write_events(dsn, [funnel_event("cus_1", 0)])
+    cio.script([fault])
+    run_drain(make_relay(dsn, cio))
+    assert states(dsn) == {"delivered": 2}
+    rows = attempts(dsn)
+    assert [r[1] for r in rows] == ["retry", "delivered"]
+    if fault == "drop":
+        assert rows[0][0] is None and rows[0][3].startswith("protocol")
+    else:
+        assert rows[0][0] == int(fault)
+    assert query(dsn, "SELECT DISTINCT attempts FROM relay_outbox") == [(2,)]
+
+
+def test_429_honours_retry_after(dsn: str, cio: FakeCustomerIO) -> None:
+    cio.retry_after_s = 2
+    cio.script(["429"])
+    write_events(dsn, [funnel_event("cus_1", 0)])
+    relay = make_relay(dsn, cio)
+    result = relay.deliver_once()
+    assert result.retrying == 2
+    delay = query(
+        dsn,
+        "SELECT min(extract(epoch FROM next_attempt_at - updated_at)) FROM relay_outbox",
+    )[0][0]
+    assert delay >= 1.9  # backoff alone would be at most 0.2 s here
+    assert attempts(dsn)[0][:2] == (429, "retry")
+    run_drain(relay)
+    assert states(dsn) == {"delivered": 2}
+
+
+def test_timeout_is_retried_and_a_duplicate_keeps_its_message_id(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    cio.slow_s = 1.0
+    cio.script(["slow"])
+    write_events(dsn, [funnel_event("cus_1", 0)])
+    run_drain(make_relay(dsn, cio, http_timeout_s=0.3, lease_s=2.0))
+    assert states(dsn) == {"delivered": 2}
+    assert [r[1] for r in attempts(dsn)] == ["retry", "delivered"]
+    assert attempts(dsn)[0][3].startswith("timeout")
+    # the slow answer was stored by the server too: the retry is a duplicate, same messageIds
+    assert cio.wait_for(lambda: len(cio.accepted_items()) == 4, timeout=5)
+    ids = cio.accepted_message_ids()
+    assert sorted(ids[:2]) == sorted(ids[2:])
+
+
+def test_400_bisects_to_the_bad_message_and_delivers_the_rest(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    cio.reject = lambda item: (
+        "property 'poison' is not allowed" if item.get("properties", {}).get("poison") else None
+    )
+    events = [funnel_event(f"cus_{i}", 0) for i in range(8)]
+    events[5] = funnel_event("cus_5", 0, poison=True)
+    write_events(dsn, events)
+    run_drain(make_relay(dsn, cio))
+    dead = query(dsn, "SELECT customer_key, kind, last_error FROM relay_outbox WHERE state='dead'")
+    assert [(d[0], d[1]) for d in dead] == [("cus_5", "track")]
+    assert "poison" in dead[0][2] and "400" in dead[0][2]
+    assert states(dsn) == {"delivered": 15, "dead": 1}
+    delivered_ids = set(cio.accepted_message_ids())
+    assert len(delivered_ids) == 15
+    outcomes = [r[1] for r in attempts(dsn)]
+    assert outcomes.count("rejected") >= 2 and "delivered" in outcomes
+
+
+def test_401_pauses_the_default_destination_without_burning_retries(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    write_events(dsn, [funnel_event(f"cus_{i}", 0) for i in range(3)])
+    relay = make_relay(dsn, cio, write_key="wrong-key-123456")
+    ok, _ = drain(relay, 3.0)
+    assert ok  # nothing is pending: the messages are held, visibly
+    assert states(dsn) == {"held": 6}
+    assert query(dsn, "SELECT DISTINCT attempts FROM relay_outbox") == [(0,)]
+    reasons = query(dsn, "SELECT DISTINCT last_error FROM relay_outbox")
+    assert "401" in reasons[0][0]
+    assert [r[:2] for r in attempts(dsn)] == [(401, "unauthorized")]
+    assert len(cio.requests) == 1  # paused: no further request was made
+
+
+def test_401_on_a_table_destination_pauses_it_until_the_key_is_fixed(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO relay_destination (project_id, region, api_url, write_key)"
+            " VALUES ('prj_eu', 'eu', %s, 'stale-key-0000')",
+            (cio.url,),
+        )
+        conn.commit()
+    write_events(dsn, [funnel_event("cus_eu", 0, project="prj_eu")])
+    write_events(dsn, [funnel_event("cus_us", 0)])
+    relay = make_relay(dsn, cio)
+    drain(relay, 3.0)
+    assert query(dsn, "SELECT customer_key, state FROM relay_outbox ORDER BY id") == [
+        ("cus_eu", "held"),
+        ("cus_eu", "held"),
+        ("cus_us", "delivered"),
+        ("cus_us", "delivered"),
+    ]
+    paused = query(dsn, "SELECT paused_at IS NOT NULL FROM relay_destination")
+    assert paused == [(True,)]
+    # the operator fixes the key; the held messages go out
+    cio.add_write_key("fixed-key-1111")
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "UPDATE relay_destination SET write_key = 'fixed-key-1111', paused_at = NULL,"
+            " paused_reason = NULL"
+        )
+        conn.commit()
+    run_drain(make_relay(dsn, cio))
+    assert states(dsn) == {"delivered": 4}
+
+
+def test_no_destination_holds_messages_until_one_is_configured(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    write_events(dsn, [funnel_event("cus_x", 0, project="prj_x")])
+    relay = make_relay(dsn, cio, write_key=None)
+    ok, _ = drain(relay, 3.0)
+    assert ok
+    held = query(dsn, "SELECT DISTINCT state, last_error FROM relay_outbox")
+    assert held == [("held", "no destination configured for project prj_x")]
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO relay_destination (project_id, region, api_url, write_key)"
+            " VALUES ('prj_x', 'us', %s, %s)",
+            (cio.url, KEY),
+        )
+        conn.commit()
+    run_drain(make_relay(dsn, cio, write_key=None))
+    assert states(dsn) == {"delivered": 2}
+
+
+def test_attempt_limit_makes_a_message_dead(dsn: str, cio: FakeCustomerIO) -> None:
+    cio.set_fault_rates({"500": 1.0}, seed=1)
+    write_events(dsn, [funnel_event("cus_1", 0)])
+    run_drain(make_relay(dsn, cio, max_attempts=3))
+    assert states(dsn) == {"dead": 2}
+    errors = query(dsn, "SELECT DISTINCT attempts, last_error FROM relay_outbox")
+    assert errors[0][0] == 3 and "gave up after 3 attempts" in errors[0][1]
+    assert [r[1] for r in attempts(dsn)] == ["retry"] * 3
+
+
+def test_oversize_message_never_reaches_the_network(dsn: str, cio: FakeCustomerIO) -> None:
+    body = {
+        "type": "track",
+        "userId": "c",
+        "event": "x",
+        "messageId": "m-big",
+        "properties": {"blob": "x" * 40_000},
+    }
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, event_type,"
+            " body, occurred_at) VALUES ('m-big', 'e', 'track', 'c', 'x', %s, now())",
+            (json.dumps(body),),
+        )
+        conn.commit()
+    write_events(dsn, [funnel_event("c2", 0)])
+    run_drain(make_relay(dsn, cio))
+    dead = query(
+        dsn, "SELECT message_id, attempts, last_error FROM relay_outbox WHERE state = 'dead'"
+    )
+    assert dead == [("m-big", 0, "message is over Customer.io's 32768-byte limit")]
+    assert "m-big" not in cio.accepted_message_ids()
+    assert states(dsn) == {"dead": 1, "delivered": 2}
+
+
+def test_failing_customer_does_not_block_others_and_keeps_its_order(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    write_events(dsn, [funnel_event("cus_a", 0)])
+    cio.script(["500"])
+    relay = make_relay(dsn, cio, backoff_base_s=5.0, backoff_cap_s=5.0)
+    relay.deliver_once()  # cus_a's messages now wait ~5 s for a retry
+    write_events(dsn, [funnel_event("cus_a", 1), funnel_event("cus_b", 0)])
+    relay.deliver_once()
+    relay.close()
+    got = query(dsn, "SELECT customer_key, state FROM relay_outbox ORDER BY id")
+    assert got == [
+        ("cus_a", "retrying"),
+        ("cus_a", "retrying"),
+        ("cus_a", "pending"),  # may not overtake cus_a's earlier messages
+        ("cus_a", "pending"),
+        ("cus_b", "delivered"),  # another customer flows on
+        ("cus_b", "delivered"),
+    ]

@@ -1,0 +1,599 @@
+"""The fake Customer.io CDP server, driven over real HTTP with httpx."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import selectors
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relay.fakecio import (
+    MAX_ITEM_BYTES,
+    MAX_REQUEST_BYTES,
+    NO_RESPONSE,
+    FakeCustomerIO,
+    RequestRecord,
+)
+
+KEY = "test-key"
+STRICT = {"X-Strict-Mode": "1"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Every request here is plain HTTP. One TLS context shared by all clients spares each new
+# client the tens of milliseconds of loading the CA bundle.
+_TLS = ssl.create_default_context()
+
+
+def http_client(**kwargs: Any) -> httpx.Client:
+    return httpx.Client(verify=_TLS, **kwargs)
+
+
+def identify(user: str = "u1", **extra: Any) -> dict[str, Any]:
+    return {"type": "identify", "userId": user, "traits": {"email": f"{user}@example.com"}, **extra}
+
+
+def track(user: str = "u1", event: str = "purchase.complete", **extra: Any) -> dict[str, Any]:
+    return {"type": "track", "userId": user, "event": event, "properties": {}, **extra}
+
+
+def batch(*items: Any) -> dict[str, Any]:
+    return {"batch": list(items), "sentAt": "2024-05-01T12:00:00Z"}
+
+
+def item_of_size(size: int) -> dict[str, Any]:
+    """A track item exactly ``size`` bytes long as compact JSON."""
+    item = track(properties={"pad": ""})
+    base = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
+    item["properties"]["pad"] = "x" * (size - base)
+    return item
+
+
+@pytest.fixture
+def cio() -> Iterator[FakeCustomerIO]:
+    with FakeCustomerIO(write_keys={KEY}) as server:
+        yield server
+
+
+@pytest.fixture
+def client(cio: FakeCustomerIO) -> Iterator[httpx.Client]:
+    with http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT, timeout=5.0) as c:
+        yield c
+
+
+def basic_auth(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def last_request(cio: FakeCustomerIO) -> RequestRecord:
+    return cio.requests[-1]
+
+
+# -- success ---------------------------------------------------------------------------------
+
+
+def test_valid_strict_batch_is_accepted_in_order(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    items = [identify("a", messageId="m1"), track("a", messageId="m2"), identify("b")]
+    body = json.dumps(batch(*items)).encode()
+
+    response = client.post("/v1/batch", content=body)
+
+    assert response.status_code == 200
+    assert response.json() == {}
+    assert response.headers["content-length"] == "2"
+    assert cio.accepted_items() == items
+    assert [a.seq for a in cio.accepted] == [1, 2, 3]
+    assert {a.request_no for a in cio.accepted} == {1}
+    assert cio.accepted_message_ids() == ["m1", "m2"]
+    assert cio.requests == [
+        RequestRecord(
+            no=1,
+            path="/v1/batch",
+            status=200,
+            strict=True,
+            auth_ok=True,
+            items=3,
+            bytes=len(body),
+            fault=None,
+            dropped=False,
+        )
+    ]
+
+
+def test_single_item_endpoints_store_the_item_with_its_type(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    body = {"userId": "u1", "event": "checkout.start", "timestamp": "2024-05-01T12:00:00+02:00"}
+
+    assert client.post("/v1/identify", json={"userId": "u1"}).status_code == 200
+    assert client.post("/v1/track", json=body).status_code == 200
+
+    assert cio.accepted_items() == [
+        {"type": "identify", "userId": "u1"},
+        {"type": "track", **body},
+    ]
+    mismatch = client.post("/v1/track", json={"type": "identify", "userId": "u1"})
+    assert mismatch.status_code == 400
+    assert mismatch.json()["error"].startswith("item 0: ")
+
+
+def test_lenient_cases_are_accepted(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    items = [
+        identify("", anonymousId="anon-1"),
+        track(timestamp="2024-05-01T12:00:00.123456Z"),
+        {"type": "page", "name": "home"},
+    ]
+    assert client.post("/v1/batch", json={"batch": items}).status_code == 200
+    assert client.post("/v1/batch", json={"batch": []}).status_code == 200
+    assert cio.accepted_items() == items
+
+
+# -- auth and strict mode ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "auth_header",
+    [
+        None,
+        basic_auth("wrong-key", ""),
+        basic_auth(KEY, "a-password"),
+        f"Bearer {KEY}",
+        "Basic !!!not-base64",
+    ],
+    ids=["missing", "wrong-key", "non-empty-password", "bearer", "garbage"],
+)
+def test_bad_auth_is_401_in_strict_mode_and_a_silent_drop_without(
+    cio: FakeCustomerIO, auth_header: str | None
+) -> None:
+    headers = {} if auth_header is None else {"Authorization": auth_header}
+    with http_client(base_url=cio.url, headers=headers) as c:
+        strict = c.post("/v1/batch", json=batch(identify()), headers=STRICT)
+        lenient = c.post("/v1/batch", json=batch(identify()))
+
+    assert strict.status_code == 401
+    assert "write key" in strict.json()["error"]
+    assert lenient.status_code == 200
+    assert lenient.json() == {}
+    assert cio.accepted == []
+    assert [(r.status, r.auth_ok, r.dropped) for r in cio.requests] == [
+        (401, False, False),
+        (200, False, True),
+    ]
+    assert cio.stats()["dropped"] == 1
+    assert cio.stats()["dropped_items"] == 1
+
+
+def test_write_keys_can_change_at_runtime(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    cio.remove_write_key(KEY)
+    assert client.post("/v1/batch", json=batch(identify())).status_code == 401
+
+    cio.add_write_key(KEY)
+    assert client.post("/v1/batch", json=batch(identify())).status_code == 200
+    assert cio.write_keys == frozenset({KEY})
+    assert len(cio.accepted) == 1
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_item", "reason"),
+    [
+        (42, "must be a JSON object"),
+        ({"userId": "u1"}, "'type' must be one of"),
+        ({"type": "purchase", "userId": "u1"}, "'type' must be one of"),
+        ({"type": "identify", "traits": {}}, "identify requires a non-empty 'userId'"),
+        ({"type": "identify", "userId": ""}, "identify requires a non-empty 'userId'"),
+        ({"type": "identify", "userId": 17}, "identify requires a non-empty 'userId'"),
+        ({"type": "track", "userId": "u1"}, "track requires a non-empty 'event'"),
+        ({"type": "track", "userId": "u1", "event": ""}, "track requires a non-empty 'event'"),
+        ({"type": "track", "event": "e"}, "track requires a non-empty 'userId'"),
+        (identify(traits=["a"]), "'traits' must be an object"),
+        (track(properties="x"), "'properties' must be an object"),
+        (identify(context=None), "'context' must be an object"),
+        (identify(messageId=17), "'messageId' must be a string"),
+        (identify(timestamp="yesterday"), "'timestamp' must be an ISO-8601 string"),
+        (identify(timestamp=1714564800), "'timestamp' must be an ISO-8601 string"),
+    ],
+)
+def test_an_invalid_item_rejects_the_whole_batch_naming_it(
+    cio: FakeCustomerIO, client: httpx.Client, bad_item: Any, reason: str
+) -> None:
+    response = client.post("/v1/batch", json=batch(identify("ok-1"), bad_item, identify("ok-2")))
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error.startswith("item 1: ")
+    assert reason in error
+    assert cio.accepted == []
+    assert last_request(cio).status == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"batch": [{"type": "identify", "userId": "u", "traits": {"n": NaN}}]}', "NaN"),
+        (b"[]", "must be a JSON object"),
+        (b"{}", "'batch' is missing"),
+        (b'{"batch": {}}', "'batch' must be a list"),
+        (b'{"batch": [], "context": []}', "'context' must be an object"),
+        (b'{"batch": [], "sentAt": 1714564800}', "'sentAt' must be an ISO-8601 string"),
+    ],
+)
+def test_an_invalid_body_is_400(
+    cio: FakeCustomerIO, client: httpx.Client, body: bytes, reason: str
+) -> None:
+    response = client.post("/v1/batch", content=body)
+
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+    assert cio.accepted == []
+
+
+def test_an_invalid_batch_without_strict_mode_is_200_and_dropped(cio: FakeCustomerIO) -> None:
+    with http_client(base_url=cio.url, auth=(KEY, "")) as c:
+        response = c.post("/v1/batch", json=batch(identify(), track(event="")))
+
+    assert response.status_code == 200
+    assert response.json() == {}
+    assert cio.accepted == []
+    assert (last_request(cio).dropped, last_request(cio).strict) == (True, False)
+
+
+def test_item_size_limit_is_32768_bytes_of_compact_json(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    at_limit, over_limit = item_of_size(MAX_ITEM_BYTES), item_of_size(MAX_ITEM_BYTES + 1)
+
+    assert client.post("/v1/batch", json=batch(at_limit)).status_code == 200
+    response = client.post("/v1/batch", json=batch(identify(), over_limit))
+
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("item 1: 32769 bytes")
+    assert cio.accepted_items() == [at_limit]
+
+
+def test_item_size_counts_utf8_bytes_not_characters(client: httpx.Client) -> None:
+    # 20000 characters, 40000 bytes: over the limit although the character count is not.
+    item = track(properties={"name": "é" * 20000})
+
+    response = client.post("/v1/batch", json=batch(item))
+
+    assert response.status_code == 400
+    assert "over the 32768-byte limit" in response.json()["error"]
+
+
+def request_body_of_size(size: int) -> bytes:
+    """A valid batch body of exactly ``size`` bytes (trailing whitespace is valid JSON)."""
+    items = [item_of_size(30_000) for _ in range(size // 30_500)]
+    body = json.dumps(batch(*items)).encode()
+    assert len(body) <= size
+    return body + b" " * (size - len(body))
+
+
+def test_request_size_limit_is_512000_bytes(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    at_limit = request_body_of_size(MAX_REQUEST_BYTES)
+    over_limit = request_body_of_size(MAX_REQUEST_BYTES + 1)
+
+    assert client.post("/v1/batch", content=at_limit).status_code == 200
+    accepted = len(cio.accepted)
+    response = client.post("/v1/batch", content=over_limit)
+
+    assert accepted > 0
+    assert response.status_code == 400
+    assert "512001 bytes, over the 512000-byte limit" in response.json()["error"]
+    assert len(cio.accepted) == accepted
+    with http_client(base_url=cio.url, auth=(KEY, "")) as lenient:
+        assert lenient.post("/v1/batch", content=over_limit).status_code == 200
+    assert last_request(cio).dropped
+    assert len(cio.accepted) == accepted
+
+
+def test_reject_hook_refuses_the_whole_request(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    def poisoned(item: dict[str, Any]) -> str | None:
+        return "poisoned message" if item.get("properties", {}).get("poison") else None
+
+    cio.reject = poisoned
+    bad = client.post("/v1/batch", json=batch(track(), track(properties={"poison": True})))
+    good = client.post("/v1/batch", json=batch(track(messageId="fine")))
+
+    assert bad.status_code == 400
+    assert bad.json() == {"error": "item 1: poisoned message"}
+    assert good.status_code == 200
+    assert cio.accepted_message_ids() == ["fine"]
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["500", "502", "503", "401"])
+def test_scripted_status_faults_accept_nothing(
+    cio: FakeCustomerIO, client: httpx.Client, kind: str
+) -> None:
+    cio.script([kind])
+
+    faulted = client.post("/v1/batch", json=batch(identify()))
+    after = client.post("/v1/batch", json=batch(identify()))
+
+    assert faulted.status_code == int(kind)
+    assert after.status_code == 200
+    assert len(cio.accepted) == 1
+    assert cio.fault_counts == {kind: 1}
+    assert [r.fault for r in cio.requests] == [kind, None]
+
+
+def test_scripted_5xx_answers_one_of_500_502_503(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    cio.script(["5xx"] * 5)
+
+    statuses = [client.post("/v1/batch", json=batch(identify())).status_code for _ in range(5)]
+
+    assert set(statuses) <= {500, 502, 503}
+    assert sum(cio.fault_counts.values()) == 5
+    assert cio.accepted == []
+
+
+def test_scripted_429_sends_retry_after(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    cio.script(["429", "429"])
+
+    first = client.post("/v1/batch", json=batch(identify()))
+    cio.retry_after_s = 0.25
+    second = client.post("/v1/batch", json=batch(identify()))
+
+    assert (first.status_code, first.headers["retry-after"]) == (429, "1")
+    assert (second.status_code, second.headers["retry-after"]) == (429, "0.25")
+    assert cio.accepted == []
+    assert cio.fault_counts == {"429": 2}
+
+
+def test_scripted_drop_closes_the_connection_without_a_response(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    cio.script(["drop", "ok"])
+
+    with pytest.raises(httpx.TransportError):
+        client.post("/v1/batch", json=batch(identify()))
+    after = client.post("/v1/batch", json=batch(identify("after")))
+
+    assert after.status_code == 200
+    assert cio.accepted_items() == [identify("after")]
+    assert [(r.status, r.fault) for r in cio.requests] == [(NO_RESPONSE, "drop"), (200, None)]
+
+
+def test_scripted_faults_are_used_in_order(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    cio.script(["500", "ok", "429"])
+
+    statuses = [client.post("/v1/batch", json=batch(identify())).status_code for _ in range(4)]
+
+    assert statuses == [500, 200, 429, 200]
+
+
+def test_slow_fault_times_the_client_out_but_stores_the_items(cio: FakeCustomerIO) -> None:
+    cio.slow_s = 0.5
+    cio.script(["slow"])
+    item = identify(messageId="late")
+
+    with (
+        http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT, timeout=0.1) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        c.post("/v1/batch", json=batch(item))
+
+    assert cio.wait_for(lambda: cio.accepted_message_ids() == ["late"], timeout=5.0)
+    assert cio.fault_counts == {"slow": 1}
+
+
+def test_latency_is_added_to_every_request(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    cio.latency_s = 0.05
+    started = time.monotonic()
+
+    assert client.post("/v1/batch", json=batch(identify())).status_code == 200
+
+    assert time.monotonic() - started >= 0.05
+
+
+def fault_sequence(seed: int, requests: int = 60) -> list[str | None]:
+    with FakeCustomerIO(write_keys={KEY}, slow_s=0.0) as server:
+        server.set_fault_rates({"5xx": 0.3, "429": 0.2, "drop": 0.1, "slow": 0.1}, seed=seed)
+        with http_client(base_url=server.url, auth=(KEY, ""), headers=STRICT) as c:
+            for _ in range(requests):
+                with contextlib.suppress(httpx.TransportError):  # a "drop"
+                    c.post("/v1/batch", json=batch(identify()))
+        return [r.fault for r in server.requests]
+
+
+def test_random_faults_with_a_seed_are_reproducible() -> None:
+    first, again, other = fault_sequence(7), fault_sequence(7), fault_sequence(8)
+
+    assert first == again
+    assert first != other
+    assert {"429", "drop", "slow", None} <= set(first)
+    assert set(first) & {"500", "502", "503"}
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [{"teapot": 0.1}, {"5xx": 1.5}, {"5xx": -0.1}, {"5xx": 0.6, "429": 0.6}],
+)
+def test_bad_fault_rates_are_refused(cio: FakeCustomerIO, rates: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        cio.set_fault_rates(rates)
+
+
+def test_unknown_scripted_fault_is_refused(cio: FakeCustomerIO) -> None:
+    with pytest.raises(ValueError, match="teapot"):
+        cio.script(["500", "teapot"])
+    assert cio.stats()["faults"] == {}
+
+
+# -- connections and lifecycle -----------------------------------------------------------------
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    statuses = [
+        client.post("/v1/batch", json=batch(identify(f"u{i}"))).status_code for i in range(20)
+    ]
+
+    assert statuses == [200] * 20
+    assert cio.connections_accepted == 1
+    assert len(cio.accepted) == 20
+
+
+def test_stop_is_prompt_with_a_slow_request_and_an_idle_connection(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    assert client.post("/v1/batch", json=batch(identify())).status_code == 200
+    cio.slow_s = 30.0
+    cio.script(["slow"])
+    errors: list[Exception] = []
+
+    def post_slow() -> None:
+        with http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT) as c:
+            try:
+                c.post("/v1/batch", json=batch(identify("never")))
+            except httpx.TransportError as exc:
+                errors.append(exc)
+
+    poster = threading.Thread(target=post_slow)
+    poster.start()
+    # The slow request is recorded only when it ends; its fault is drawn when it arrives.
+    assert cio.wait_for(lambda: cio.fault_counts.get("slow") == 1, timeout=5.0)
+    started = time.monotonic()
+    cio.stop()
+    poster.join(timeout=5.0)
+
+    assert time.monotonic() - started < 1.0
+    assert len(errors) == 1
+    assert identify("never") not in cio.accepted_items()
+    assert last_request(cio).status == NO_RESPONSE
+
+
+def test_a_stopped_server_refuses_connections_and_restarts_on_the_same_port(
+    cio: FakeCustomerIO,
+) -> None:
+    url = cio.url
+    cio.stop()
+    with http_client(auth=(KEY, ""), headers=STRICT) as c:
+        with pytest.raises(httpx.ConnectError):
+            c.post(f"{url}/v1/batch", json=batch(identify()))
+        cio.start()
+        assert cio.url == url
+        assert c.post(f"{url}/v1/batch", json=batch(identify())).status_code == 200
+
+
+def test_wait_for_returns_false_at_its_deadline(cio: FakeCustomerIO) -> None:
+    started = time.monotonic()
+
+    assert cio.wait_for(lambda: len(cio.accepted) > 0, timeout=0.05) is False
+    assert time.monotonic() - started >= 0.05
+
+
+def test_reset_forgets_records_and_pending_script(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    client.post("/v1/batch", json=batch(identify()))
+    cio.script(["500", "500"])
+    client.post("/v1/batch", json=batch(identify()))
+
+    cio.reset()
+    response = client.post("/v1/batch", json=batch(identify("fresh")))
+
+    assert response.status_code == 200
+    assert [(a.seq, a.request_no) for a in cio.accepted] == [(1, 1)]
+    assert cio.fault_counts == {}
+    assert len(cio.requests) == 1
+
+
+def test_unknown_path_is_404(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    assert client.post("/v1/batches", json=batch(identify())).status_code == 404
+    assert client.get("/v1/batch").status_code == 404
+    assert cio.accepted == []
+
+
+# -- out-of-process views -----------------------------------------------------------------------
+
+
+def test_fake_endpoints_report_received_items_and_stats(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    cio.script(["503"])
+    client.post("/v1/batch", json=batch(identify()))
+    client.post("/v1/batch", json=batch(identify("a", messageId="m1"), track("a")))
+    client.post("/v1/batch", json=batch(track(event="")))
+    with http_client(base_url=cio.url) as lenient:
+        lenient.post("/v1/batch", json=batch(identify()))
+
+    received = client.get("/_fake/received").json()
+    stats = client.get("/_fake/stats").json()
+
+    assert received == {
+        "accepted": [
+            {"seq": 1, "request_no": 2, "item": identify("a", messageId="m1")},
+            {"seq": 2, "request_no": 2, "item": track("a")},
+        ]
+    }
+    assert stats["requests"] == 4
+    assert stats["requests_by_status"] == {"503": 1, "200": 2, "400": 1}
+    assert stats["faults"] == {"503": 1}
+    assert stats["accepted"] == 2
+    assert stats["dropped"] == 1
+    assert stats["dropped_items"] == 1
+
+
+def read_line_with_deadline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise TimeoutError(f"no output within {timeout} s")
+    return proc.stdout.readline().decode().strip()
+
+
+def test_cli_prints_its_url_serves_and_stops_on_sigterm() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable,
+        "-m",
+        "relay.fakecio",
+        "--port",
+        "0",
+        "--write-key",
+        KEY,
+        "--faults",
+        "5xx=0,429=0",
+        "--seed",
+        "3",
+    ]
+    with subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        try:
+            line = read_line_with_deadline(proc, timeout=10.0)
+            assert line.startswith("listening on http://127.0.0.1:")
+            url = line.removeprefix("listening on ")
+            with http_client(base_url=url, auth=(KEY, ""), headers=STRICT) as c:
+                assert c.post("/v1/batch", json=batch(identify())).status_code == 200
+                assert c.get("/_fake/stats").json()["accepted"] == 1
+
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5.0) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.stderr is not None
+        assert proc.stderr.read() == b""
