@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_run)
 
-    from relay import operator_cli
+    from relay import demo, operator_cli
 
     operator_cli.register(sub)
+    demo.register(sub)
     return p
 
 

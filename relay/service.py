@@ -18,6 +18,7 @@ what is still claimed, exit 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -216,17 +217,26 @@ def drain(relay: Relay, timeout_s: float | None) -> tuple[bool, CycleResult]:
     last_services = 0.0
     try:
         while not relay.stopping.is_set():
-            now = time.monotonic()
-            if now - last_services >= min(1.0, relay.settings.lease_s / 3):
-                relay.rescue()
-                relay.release_held()
-                last_services = now
-            relay.wakeup.clear()
-            result = relay.deliver_once()
-            totals.add(result)
-            if result.claimed:
+            try:
+                now = time.monotonic()
+                if now - last_services >= min(1.0, relay.settings.lease_s / 3):
+                    relay.rescue()
+                    relay.release_held()
+                    last_services = now
+                relay.wakeup.clear()
+                result = relay.deliver_once()
+                totals.add(result)
+                if result.claimed:
+                    continue
+                active, _held = relay.count_active()
+            except DatabaseUnavailable as exc:
+                # A restart or a terminated backend: reconnect on the next turn; what we had
+                # in flight is rescued when its lease expires.
+                log.error("drain: %s", exc)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False, totals
+                relay.stopping.wait(relay.settings.poll_interval_s)
                 continue
-            active, _held = relay.count_active()
             if active == 0:
                 return True, totals
             if deadline is not None and time.monotonic() >= deadline:
@@ -238,8 +248,6 @@ def drain(relay: Relay, timeout_s: float | None) -> tuple[bool, CycleResult]:
         return False, totals
     finally:
         relay.stopping.set()
-        try:
+        with contextlib.suppress(DatabaseUnavailable):
             relay.release_all()
-        except DatabaseUnavailable:
-            pass
         relay.close()
