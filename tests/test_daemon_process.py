@@ -151,7 +151,7 @@ def test_sigterm_finishes_the_batch_in_flight_and_leaves_nothing_in_flight(
         )
         assert wait_until(lambda: states(dsn).get("in_flight", 0) > 0, timeout=20)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
