@@ -67,3 +67,4 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     # APScheduler logs every job run at INFO; keep its warnings and errors only.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
