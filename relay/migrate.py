@@ -12,11 +12,21 @@ from relay.db import sqlalchemy_url
 _ROOT = Path(__file__).resolve().parent.parent
 
 
+def script_location() -> Path:
+    """The migration scripts: ./alembic in a checkout, ``relay_migrations`` in a wheel."""
+    checkout = _ROOT / "alembic"
+    if (checkout / "env.py").exists():
+        return checkout
+    import relay_migrations  # type: ignore[import-not-found]
+
+    return Path(next(iter(relay_migrations.__path__)))
+
+
 def alembic_config(dsn: str) -> Config:
-    """An Alembic config for ``dsn`` using the repository's ``alembic/`` scripts."""
-    ini = _ROOT / "alembic.ini"
-    cfg = Config(str(ini)) if ini.exists() else Config()
-    cfg.set_main_option("script_location", str(_ROOT / "alembic"))
+    """An Alembic config for ``dsn`` using the relay's migration scripts."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location()))
+    cfg.set_main_option("path_separator", "os")
     # ConfigParser interpolation: a literal % in a password must be doubled.
     cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(dsn).replace("%", "%%"))
     cfg.attributes["configure_logging"] = False
