@@ -63,6 +63,8 @@ class Listener(threading.Thread):
                             self.on_notify()
             except psycopg.Error as exc:
                 self.connected.clear()
+                if self.relay.stopping.is_set():
+                    return  # shutting down: the connection went with the database or us
                 log.warning("LISTEN connection lost (%s); polling until it is back", exc)
                 self.relay.stopping.wait(self.relay.settings.poll_interval_s)
 
@@ -158,6 +160,7 @@ class Service:
         self.relay.wake()
         # wait=True: the request in flight finishes and is recorded before we go on.
         self.scheduler.shutdown(wait=True)
+        self.listener.join(timeout=2.0)
         try:
             released = self.relay.release_all()
             if released:
@@ -251,3 +254,4 @@ def drain(relay: Relay, timeout_s: float | None) -> tuple[bool, CycleResult]:
         with contextlib.suppress(DatabaseUnavailable):
             relay.release_all()
         relay.close()
+        listener.join(timeout=2.0)
