@@ -1,11 +1,865 @@
-"""Operator commands (status, inspect, retry, cancel, destinations, purge)."""
+"""Operator commands: status, inspect, retry, cancel, destinations, purge.
+
+Each reads DATABASE_URL (never the embedded database: an operator command must act on the
+database the relays use, not create an empty one). Read-only commands work as relay_operator;
+retry, cancel, purge and destinations enable/disable need relay_worker; destinations set
+needs the schema owner (relay_worker may not insert destinations). A write key is printed
+only masked, and only to a session allowed to read it.
+
+Exit status follows ``relay.cli``: 2 for a bad setting or a missing selector, 3 for an
+unreachable database, 1 for other failures (including "permission denied" for the role).
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import psycopg
+
+from models.schema import MESSAGE_STATES
+from relay import logs
+from relay import queries as q
+from relay.client import base_url_for, mask_key
+from relay.db import check_dsn, connect, first_line
+from relay.errors import ConfigError, DatabaseUnavailable, RelayError
+from relay.retention import DEFAULT_BATCH_SIZE, parse_duration, purge
+
+# Every state, in the order status shows them (zero counts included).
+STATES: Final = MESSAGE_STATES
+UNSENT_STATES: Final = ("pending", "retrying", "held")
+DEFAULT_DESTINATION: Final = "default"
+# Rows changed per transaction by retry, cancel and the release of held rows.
+CHANGE_BATCH: Final = 1000
+# How long retry/cancel wait for rows a relay is claiming at that instant (claims take
+# milliseconds; a row still locked after this is reported, not waited for).
+BUSY_WAIT_S: Final = 5.0
+CLEAR_SCREEN: Final = "\x1b[H\x1b[2J"
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+# --- plumbing -------------------------------------------------------------------------------
+
+
+def _dsn() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        raise ConfigError("DATABASE_URL is not set (postgresql://user@host:port/dbname)")
+    return check_dsn(url)
+
+
+@contextmanager
+def _errors(purpose: str) -> Iterator[None]:
+    """Database errors an operator can act on, as one line (exit 1 or 3) instead of a trace."""
+    try:
+        yield
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise RelayError(
+            f"permission denied: {first_line(str(exc))} (relay {purpose} needs a role "
+            "that may do this; see the roles in migration 0002)"
+        ) from exc
+    except psycopg.errors.UndefinedTable as exc:
+        raise RelayError(
+            f"{first_line(str(exc))}: is the database migrated? (relay migrate)"
+        ) from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
+
+
+@contextmanager
+def _session(purpose: str) -> Iterator[Conn]:
+    """An autocommit connection to DATABASE_URL, closed on exit, errors translated."""
+    with _errors(purpose):
+        conn = connect(_dsn(), autocommit=True, application_name=f"relay {purpose}")
+        # Never prepare: the selector statements must be planned with their actual values.
+        conn.prepare_threshold = None
+        with conn:
+            yield conn
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=_json_default, sort_keys=False))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value else ""
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _table_lines(
+    headers: Sequence[str] | None, rows: Sequence[Sequence[Any]], numeric: int = 0
+) -> list[str]:
+    """Rows (and a header line, if given) padded to each column's widest cell; columns 1 to
+    ``numeric`` are right-aligned (counts)."""
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    if headers is not None:
+        cells.insert(0, list(headers))
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))] if cells else []
+
+    def line(values: Sequence[str]) -> str:
+        out = []
+        for i, (v, w) in enumerate(zip(values, widths, strict=True)):
+            out.append(v.rjust(w) if 1 <= i <= numeric else v.ljust(w))
+        return "  ".join(out).rstrip()
+
+    return [line(r) for r in cells]
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: int = 0) -> str:
+    return "\n".join(_table_lines(headers, rows, numeric))
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def status_snapshot(conn: Conn) -> dict[str, Any]:
+    """Counts per state (all states, zero when none), ages, and per-destination figures."""
+    rows = conn.execute(q.STATUS_BY_DESTINATION).fetchall()
+    configured = {r[0]: r for r in conn.execute(q.DESTINATION_LIST_WITHOUT_KEY).fetchall()}
+    totals: dict[str, Any] = dict.fromkeys(STATES, 0)
+    totals["total"] = 0
+    destinations: dict[str, dict[str, Any]] = {}
+    lags: list[float] = []
+    oldest: list[float] = []
+    for row in rows:
+        name = row[0]
+        counts = dict(zip(STATES, (int(n) for n in row[1:9]), strict=True))
+        for state, n in counts.items():
+            totals[state] += n
+        totals["total"] += int(row[9])
+        if row[10] is not None:
+            oldest.append(float(row[10]))
+        if row[11] is not None:
+            lags.append(float(row[11]))
+        destinations[name] = {
+            **counts,
+            "total": int(row[9]),
+            "oldest_undelivered_age_s": row[10],
+            "lag_s": row[11],
+        }
+    for name, d in configured.items():
+        entry = destinations.setdefault(
+            name,
+            {
+                **dict.fromkeys(STATES, 0),
+                "total": 0,
+                "oldest_undelivered_age_s": None,
+                "lag_s": None,
+            },
+        )
+        entry.update(configured=True, enabled=bool(d[3]), paused_reason=d[5] if d[4] else None)
+    for name, entry in destinations.items():
+        if name not in configured:
+            entry.update(configured=False, enabled=None, paused_reason=None)
+    return {
+        **totals,
+        # Age of the oldest message waiting to be sent (pending or retrying): the relay's lag.
+        "oldest_pending_age_s": max(lags) if lags else None,
+        # Age of the oldest message not yet delivered (also in flight or held).
+        "oldest_undelivered_age_s": max(oldest) if oldest else None,
+        "destinations": dict(sorted(destinations.items())),
+    }
+
+
+def render_status(snap: dict[str, Any]) -> str:
+    headers = ["DESTINATION", *(s.upper().replace("_", " ") for s in STATES), "OLDEST", "LAG"]
+    rows: list[list[Any]] = []
+    for name, d in snap["destinations"].items():
+        rows.append(
+            [
+                name,
+                *(d[s] for s in STATES),
+                _age(d["oldest_undelivered_age_s"]),
+                _age(d["lag_s"]),
+            ]
+        )
+    rows.append(
+        [
+            "TOTAL",
+            *(snap[s] for s in STATES),
+            _age(snap["oldest_undelivered_age_s"]),
+            _age(snap["oldest_pending_age_s"]),
+        ]
+    )
+    lines = [_table(headers, rows, numeric=len(STATES))]
+    lines.append("(OLDEST: oldest message not yet delivered; LAG: oldest waiting to be sent)")
+    lines.append("")
+    lines.append(
+        "oldest message waiting to be sent: "
+        + (
+            _age(snap["oldest_pending_age_s"])
+            if snap["oldest_pending_age_s"] is not None
+            else "none"
+        )
+    )
+    for name, d in snap["destinations"].items():
+        if d["paused_reason"]:
+            lines.append(f"destination {name} is PAUSED: {d['paused_reason']}")
+        elif d["enabled"] is False:
+            lines.append(f"destination {name} is disabled (its messages are held)")
+    if snap["held"]:
+        lines.append(
+            f"{snap['held']} held messages wait for a usable destination "
+            "(see relay destinations list)"
+        )
+    if snap["dead"]:
+        lines.append(f"{snap['dead']} dead messages (relay_dead_messages; re-queue: relay retry)")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch is None:
+        with _session("status") as conn:
+            snap = status_snapshot(conn)
+        if args.json:
+            _print_json(snap)
+        else:
+            print(render_status(snap))
+        return 0
+    if not args.watch > 0:
+        raise ConfigError("--watch needs a positive number of seconds")
+    with _errors("status"):
+        return _watch(args.watch, args.json)
+
+
+def _watch(interval: float, as_json: bool) -> int:
+    """Redraw the status every ``interval`` seconds until Ctrl-C.
+
+    A database that goes away is shown on screen and retried at the next refresh: a watch is
+    most useful exactly when something is wrong.
+    """
+    conn: Conn | None = None
+    try:
+        while True:
+            now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(_dsn(), autocommit=True, application_name="relay status")
+                snap = status_snapshot(conn)
+                body = json.dumps(snap, default=_json_default) if as_json else render_status(snap)
+            except (DatabaseUnavailable, psycopg.OperationalError) as exc:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                error = first_line(str(exc))
+                body = json.dumps({"error": error}) if as_json else f"database unavailable: {error}"
+            if as_json:
+                # One object a line: a stream a program can follow, no screen control codes.
+                print(body, flush=True)
+            else:
+                header = f"relay status at {now}, every {interval:g}s (Ctrl-C to stop)\n\n"
+                sys.stdout.write(CLEAR_SCREEN + header + body + "\n")
+                sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader went away (`relay status --watch --json | head -1`): stop as for Ctrl-C,
+        # and point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+_MESSAGE_COLUMNS: Final = (
+    "id",
+    "message_id",
+    "customer_key",
+    "project_id",
+    "event_id",
+    "event_type",
+    "kind",
+    "state",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "delivered_at",
+    "last_error",
+    "coalesced_into",
+    "requeued_by",
+    "requeued_at",
+)
+_ATTEMPT_COLUMNS: Final = (
+    "id",
+    "started_at",
+    "status_code",
+    "outcome",
+    "error",
+    "latency_ms",
+    "relay_instance",
+)
+
+
+def customer_history(conn: Conn, customer: str, limit: int) -> dict[str, Any]:
+    rows = conn.execute(q.HISTORY_FOR_CUSTOMER, {"customer": customer, "limit": limit}).fetchall()
+    count = conn.execute(q.OUTBOX_COUNT_CUSTOMER, {"customer": customer}).fetchone()
+    messages: dict[int, dict[str, Any]] = {}
+    n = len(_MESSAGE_COLUMNS)
+    for row in rows:
+        message = messages.get(row[0])
+        if message is None:
+            message = dict(zip(_MESSAGE_COLUMNS, row[:n], strict=True))
+            message["attempt_log"] = []
+            messages[row[0]] = message
+        if row[n] is not None:
+            message["attempt_log"].append(dict(zip(_ATTEMPT_COLUMNS, row[n:], strict=True)))
+    return {
+        "customer": customer,
+        "total_messages": int(count[0]) if count else 0,
+        "messages": list(messages.values()),
+    }
+
+
+def render_history(history: dict[str, Any]) -> str:
+    """One line per message, newest first, each followed by its attempts (newest first)."""
+    messages = history["messages"]
+    if not messages:
+        return f"no messages for customer {history['customer']}"
+    shown, total = len(messages), history["total_messages"]
+    title = f"customer {history['customer']}: {total} messages" + (
+        f", newest {shown} shown" if shown < total else ""
+    )
+    message_lines = _table_lines(
+        ["ID", "MESSAGE ID", "EVENT", "KIND", "STATE", "ATTEMPTS", "WRITTEN", "LAST ERROR"],
+        [
+            [
+                m["id"],
+                m["message_id"],
+                m["event_type"],
+                m["kind"],
+                m["state"] + (f" into {m['coalesced_into']}" if m["coalesced_into"] else ""),
+                m["attempts"],
+                _when(m["created_at"]),
+                m["last_error"] or "",
+            ]
+            for m in messages
+        ],
+    )
+    # All attempts in one table so their columns line up across messages.
+    attempts = [a for m in messages for a in m["attempt_log"]]
+    attempt_lines = iter(
+        _table_lines(
+            None,
+            [
+                [
+                    "attempt",
+                    _when(a["started_at"]),
+                    a["status_code"] if a["status_code"] is not None else "-",
+                    a["outcome"],
+                    f"{a['latency_ms']:.0f} ms",
+                    a["relay_instance"],
+                    a["error"] or "",
+                ]
+                for a in attempts
+            ],
+        )
+    )
+    lines = [title + " (newest first; attempts: time, status, outcome, latency, relay)", ""]
+    lines.append(message_lines[0])
+    for m, line in zip(messages, message_lines[1:], strict=True):
+        lines.append(line)
+        if m["requeued_by"]:
+            lines.append(f"      changed by {m['requeued_by']} at {_when(m['requeued_at'])}")
+        lines.extend("      " + next(attempt_lines) for _ in m["attempt_log"])
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    with _session("inspect") as conn:
+        history = customer_history(conn, args.customer, args.limit)
+    if args.json:
+        _print_json(history)
+    else:
+        print(render_history(history))
+    return 0
+
+
+# --- retry and cancel -----------------------------------------------------------------------
+
+
+def _timestamp(text: str) -> datetime:
+    """An ISO 8601 time for --since/--until; without an offset it is taken as UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time (e.g. 2026-11-29T10:00:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _selectors(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    params = {
+        "ids": args.ids,
+        "customer": args.customer,
+        "destination": args.destination,
+        "since": args.since,
+        "until": args.until,
+    }
+    if all(v is None for v in params.values()) and not args.all:
+        raise ConfigError(
+            f"relay {command} needs a selector: --id, --customer, --destination, --since or "
+            "--until (or --all to select every matching message)"
+        )
+    if args.since and args.until and args.since >= args.until:
+        raise ConfigError("--since must be earlier than --until")
+    return params
+
+
+def _change_in_batches(
+    conn: Conn, statement: str, params: dict[str, Any], states: Sequence[str]
+) -> tuple[int, int]:
+    """Run a batched UPDATE until nothing is left; returns (changed, left busy).
+
+    The statements skip rows a relay has locked at that instant. When a batch changes nothing
+    but matching rows remain, they are locked: wait briefly and try again, then give up and
+    report them rather than hang behind a relay.
+    """
+    changed = 0
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        rows = conn.execute(statement, {**params, "batch": CHANGE_BATCH}).fetchall()
+        changed += len(rows)
+        if rows:
+            continue
+        left = conn.execute(q.OUTBOX_COUNT_SELECTED, {**params, "states": list(states)})
+        row = left.fetchone()
+        busy = int(row[0]) if row else 0
+        if busy == 0 or time.monotonic() >= deadline:
+            return changed, busy
+        time.sleep(0.1)
+
+
+def _requeued_by(args: argparse.Namespace) -> str:
+    return str(args.by or os.environ.get("USER") or "operator")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    params = _selectors(args, "retry")
+    with _session("retry") as conn:
+        if args.dry_run:
+            row = conn.execute(q.OUTBOX_COUNT_SELECTED, {**params, "states": ["dead"]}).fetchone()
+            print(f"would re-queue {row[0] if row else 0} dead messages")
+            return 0
+        by = _requeued_by(args)
+        changed, busy = _change_in_batches(
+            conn, q.OUTBOX_REQUEUE_DEAD, {**params, "by": by}, ("dead",)
+        )
+        if changed:
+            conn.execute(q.OUTBOX_WAKE_RELAYS)
+    print(f"re-queued {changed} dead messages (by {by})")
+    if busy:
+        print(f"{busy} matching messages were locked and left dead; run again", file=sys.stderr)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    params = _selectors(args, "cancel")
+    with _session("cancel") as conn:
+        if args.dry_run:
+            row = conn.execute(
+                q.OUTBOX_COUNT_SELECTED, {**params, "states": list(UNSENT_STATES)}
+            ).fetchone()
+            print(f"would cancel {row[0] if row else 0} unsent messages")
+            return 0
+        by = _requeued_by(args)
+        changed, busy = _change_in_batches(
+            conn, q.OUTBOX_CANCEL_UNSENT, {**params, "by": by}, UNSENT_STATES
+        )
+    print(f"cancelled {changed} messages (by {by})")
+    if busy:
+        print(
+            f"{busy} matching messages were being claimed by a relay and were left; run again",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# --- destinations ---------------------------------------------------------------------------
+
+
+def _read_key(args: argparse.Namespace) -> str:
+    """The new write key, from --write-key-file, --write-key or CUSTOMERIO_WRITE_KEY_NEW."""
+    if args.write_key is not None and args.write_key_file is not None:
+        raise ConfigError("give the write key once: --write-key or --write-key-file, not both")
+    if args.write_key_file is not None:
+        path = args.write_key_file
+        try:
+            raw = sys.stdin.read() if path == "-" else Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --write-key-file {path}: {exc.strerror}") from None
+        # Files and secret stores end keys with a newline that is not part of the key.
+        key = raw.strip()
+        source = f"--write-key-file {path}"
+    elif args.write_key is not None:
+        key = args.write_key
+        source = "--write-key"
+    else:
+        key = os.environ.get("CUSTOMERIO_WRITE_KEY_NEW", "").strip()
+        source = "CUSTOMERIO_WRITE_KEY_NEW"
+        if not key:
+            raise ConfigError(
+                "no write key: use --write-key-file PATH (or - for stdin), set "
+                "CUSTOMERIO_WRITE_KEY_NEW, or pass --write-key KEY"
+            )
+    if not key:
+        raise ConfigError(f"the write key from {source} is empty")
+    # From here on, any error text that happens to contain the key prints it as ***.
+    logs.register_secret(key)
+    return key
+
+
+def _check_project(project: str) -> str:
+    project = project.strip()
+    if not project:
+        raise ConfigError("the project id is empty")
+    if project == DEFAULT_DESTINATION:
+        raise ConfigError(
+            "the default destination is configured in the relays' environment "
+            "(CUSTOMERIO_WRITE_KEY, CUSTOMERIO_REGION), not in relay_destination"
+        )
+    return project
+
+
+def _release_held(conn: Conn, project: str) -> int:
+    released = 0
+    while True:
+        rows = conn.execute(
+            q.OUTBOX_RELEASE_HELD_PROJECT, {"project_id": project, "batch": CHANGE_BATCH}
+        ).fetchall()
+        released += len(rows)
+        if len(rows) < CHANGE_BATCH:
+            break
+    if released:
+        conn.execute(q.OUTBOX_WAKE_RELAYS)
+    return released
+
+
+def cmd_destinations_set(args: argparse.Namespace) -> int:
+    from relay.client import Destination
+
+    project = _check_project(args.project)
+    key = _read_key(args)
+    api_url = args.api_url.strip() if args.api_url and args.api_url.strip() else None
+    # Validates the key's characters and the URL the same way the relays will.
+    Destination(project, base_url_for(args.region, api_url), key)
+    with _session("destinations set") as conn:
+        row = conn.execute(
+            q.DESTINATION_UPSERT,
+            {"project_id": project, "region": args.region, "api_url": api_url, "write_key": key},
+        ).fetchone()
+        assert row is not None
+        enabled, paused_reason = bool(row[0]), row[1]
+        released = _release_held(conn, project) if enabled and not paused_reason else 0
+    print(
+        f"destination {project}: region {args.region}"
+        + (f", API {api_url}" if api_url else "")
+        + f", key {mask_key(key)}, {'enabled' if enabled else 'disabled'}"
+    )
+    if paused_reason:
+        print(f"still paused (same key as when it was rejected): {paused_reason}")
+    elif not enabled:
+        print("it is disabled: its messages stay held until relay destinations enable")
+    print(f"released {released} held messages")
+    return 0
+
+
+def _set_enabled(project: str, enabled: bool) -> tuple[bool, str | None, int]:
+    verb = "enable" if enabled else "disable"
+    with _session(f"destinations {verb}") as conn:
+        row = conn.execute(
+            q.DESTINATION_SET_ENABLED, {"project_id": project, "enabled": enabled}
+        ).fetchone()
+        if row is None:
+            raise RelayError(f"no destination for project {project} (see relay destinations list)")
+        paused_reason = row[1]
+        released = _release_held(conn, project) if enabled and not paused_reason else 0
+    return bool(row[0]), paused_reason, released
+
+
+def cmd_destinations_enable(args: argparse.Namespace) -> int:
+    project = _check_project(args.project)
+    _, paused_reason, released = _set_enabled(project, True)
+    print(f"destination {project} enabled; released {released} held messages")
+    if paused_reason:
+        print(f"still paused: {paused_reason} (set a new key with relay destinations set)")
+    return 0
+
+
+def cmd_destinations_disable(args: argparse.Namespace) -> int:
+    project = _check_project(args.project)
+    _set_enabled(project, False)
+    print(f"destination {project} disabled: its messages are held until it is enabled")
+    return 0
+
+
+def destination_rows(conn: Conn) -> list[dict[str, Any]]:
+    row = conn.execute(q.DESTINATION_CAN_READ_KEY).fetchone()
+    can_read_key = bool(row and row[0])
+    sql = q.DESTINATION_LIST_WITH_KEY if can_read_key else q.DESTINATION_LIST_WITHOUT_KEY
+    out = []
+    for r in conn.execute(sql).fetchall():
+        out.append(
+            {
+                "project_id": r[0],
+                "region": r[1],
+                "api_url": r[2],
+                "key": mask_key(r[7]) if can_read_key else None,
+                "enabled": bool(r[3]),
+                "paused_at": r[4],
+                "paused_reason": r[5],
+                "updated_at": r[6],
+            }
+        )
+    return out
+
+
+def cmd_destinations_list(args: argparse.Namespace) -> int:
+    with _session("destinations list") as conn:
+        rows = destination_rows(conn)
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no destinations in relay_destination (messages go to the default destination)")
+        return 0
+    print(
+        _table(
+            ["PROJECT", "REGION", "API URL", "KEY", "ENABLED", "PAUSED", "UPDATED"],
+            [
+                [
+                    r["project_id"],
+                    r["region"],
+                    r["api_url"] or "(region default)",
+                    r["key"] or "(not readable by this role)",
+                    "yes" if r["enabled"] else "no",
+                    f"since {_when(r['paused_at'])}: {r['paused_reason']}"
+                    if r["paused_at"]
+                    else "no",
+                    _when(r["updated_at"]),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
+# --- purge ----------------------------------------------------------------------------------
+
+
+def _progress_printer() -> Callable[[dict[str, int]], None]:
+    """Progress lines on stderr: the first batch, then at most one a second."""
+    last = [0.0]
+
+    def show(totals: dict[str, int]) -> None:
+        now = time.monotonic()
+        if last[0] and now - last[0] < 1.0:
+            return
+        last[0] = now
+        print(
+            f"purge: {totals['messages']} messages, {totals['attempts']} attempts deleted so far",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    older_than_s = parse_duration(args.older_than)
+    with _errors("purge"):
+        totals = purge(
+            _dsn(),
+            older_than_s,
+            args.batch_size,
+            _progress_printer(),
+            include_dead=args.include_dead,
+        )
+    kinds = "delivered, coalesced, cancelled" + (" and dead" if args.include_dead else "")
+    print(
+        f"purged {totals['messages']} messages ({kinds}) and {totals['attempts']} attempts "
+        f"older than {args.older_than}"
+    )
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def _add_selectors(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("selectors (at least one, or --all; they combine with AND)")
+    g.add_argument(
+        "--id",
+        dest="ids",
+        type=_positive_int,
+        action="append",
+        metavar="N",
+        help="relay_outbox row id (repeatable)",
+    )
+    g.add_argument("--customer", metavar="KEY", help="customer key (Customer.io userId)")
+    g.add_argument(
+        "--destination",
+        metavar="PROJECT",
+        help="project id; 'default' for messages without one",
+    )
+    g.add_argument(
+        "--since",
+        type=_timestamp,
+        metavar="ISO",
+        help="written at or after this time (ISO 8601; UTC when no offset is given)",
+    )
+    g.add_argument(
+        "--until", type=_timestamp, metavar="ISO", help="written before this time (ISO 8601)"
+    )
+    g.add_argument("--all", action="store_true", help=f"every {what} message")
+    p.add_argument(
+        "--by",
+        metavar="NAME",
+        help="who is doing this, recorded in requeued_by (default: $USER, else 'operator')",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count the messages selected")
 
 
 def register(sub: Any) -> None:
     """Add the operator subcommands to the ``relay`` parser."""
-    del sub
+    s = sub.add_parser(
+        "status",
+        help="message counts per state and destination, oldest message, lag",
+        description="Message counts per state and destination (the relay_status view), the "
+        "age of the oldest message waiting to be sent, and paused or disabled destinations.",
+    )
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C; with --json, one object a line",
+    )
+    s.set_defaults(func=cmd_status)
+
+    i = sub.add_parser(
+        "inspect",
+        help="one customer's messages and their delivery attempts",
+        description="A customer's messages, newest first, each with the HTTP requests that "
+        "carried it (the relay_message_history view).",
+    )
+    i.add_argument("customer", metavar="CUSTOMER", help="customer key (Customer.io userId)")
+    i.add_argument("--limit", type=int, default=50, help="newest N messages (default 50)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser(
+        "retry",
+        help="re-queue dead messages",
+        description="Put dead messages back in the queue with a fresh attempt budget "
+        "(attempts = 0), recording who did it and when. Needs a selector.",
+    )
+    _add_selectors(r, "dead")
+    r.set_defaults(func=cmd_retry)
+
+    c = sub.add_parser(
+        "cancel",
+        help="cancel messages not yet sent",
+        description="Cancel pending, retrying and held messages (never ones in flight), "
+        "recording who did it and when. Needs a selector.",
+    )
+    _add_selectors(c, "unsent")
+    c.set_defaults(func=cmd_cancel)
+
+    d = sub.add_parser(
+        "destinations",
+        help="list and change per-project Customer.io destinations",
+        description="Per-project destinations (relay_destination). Keys are never printed in full.",
+    )
+    dsub = d.add_subparsers(dest="destinations_command", required=True, metavar="ACTION")
+    dl = dsub.add_parser("list", help="list destinations (keys masked)")
+    dl.add_argument("--json", action="store_true", help="print a JSON array")
+    dl.set_defaults(func=cmd_destinations_list)
+    ds = dsub.add_parser(
+        "set",
+        help="create or replace a project's destination, then release its held messages",
+        description="Create or replace a project's destination. A new key (or region, or API "
+        "URL) lifts a pause and enables it; held messages of the project go back to the "
+        "queue. The key is read from --write-key-file, --write-key or CUSTOMERIO_WRITE_KEY_NEW "
+        "(prefer the file or the variable: a command line is visible to other users).",
+    )
+    ds.add_argument("project", metavar="PROJECT", help="project id")
+    ds.add_argument("--region", choices=("us", "eu"), required=True, help="workspace region")
+    ds.add_argument("--write-key", metavar="KEY", help="Pipelines write key")
+    ds.add_argument(
+        "--write-key-file", metavar="PATH", help="read the write key from a file (- for stdin)"
+    )
+    ds.add_argument("--api-url", metavar="URL", help="override the region's API base URL")
+    ds.set_defaults(func=cmd_destinations_set)
+    dd = dsub.add_parser("disable", help="stop sending a project's messages (they are held)")
+    dd.add_argument("project", metavar="PROJECT")
+    dd.set_defaults(func=cmd_destinations_disable)
+    de = dsub.add_parser("enable", help="send a project's messages again")
+    de.add_argument("project", metavar="PROJECT")
+    de.set_defaults(func=cmd_destinations_enable)
+
+    p = sub.add_parser(
+        "purge",
+        help="delete finished messages and attempt rows older than a duration",
+        description="Delete delivered, coalesced and cancelled messages (and dead ones with "
+        "--include-dead) that last changed before the cutoff, and attempt rows started before "
+        "it, in short batches that are safe while relays run. Unfinished messages are never "
+        "deleted. Progress goes to stderr.",
+    )
+    p.add_argument(
+        "--older-than", required=True, metavar="DURATION", help="e.g. 30d, 12h, 90m, 3600s"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"rows per transaction (default {DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument("--include-dead", action="store_true", help="also delete dead messages")
+    p.set_defaults(func=cmd_purge)

@@ -70,14 +70,16 @@ FOR UPDATE OF m SKIP LOCKED
 
 # For each claimed head, the customer's unfinished rows from the head on, in write order, at
 # most %(per_customer)s each. The caller keeps the prefix that is due (it stops at the first
-# row that is held, in flight or waiting for a later retry).
+# row that is held, in flight or waiting for a later retry). A message's age (for the age
+# limit) restarts when an operator re-queues it, or an old message would die again on its
+# first retryable failure.
 # Index: relay_outbox_customer_unfinished_idx (customer_key, id), one range scan per customer.
 # Locks: FOR UPDATE on those rows. Nobody else can be claiming them (their head is ours), so
 # this only waits for an operator command touching the same rows.
 OUTBOX_CLAIM_FOLLOWERS: Final = """
 SELECT o.id, o.customer_key, o.kind, o.project_id, o.body, o.attempts, o.state,
        o.next_attempt_at <= now() AS due,
-       extract(epoch FROM now() - o.created_at)::float8 AS age_s
+       extract(epoch FROM now() - greatest(o.created_at, o.requeued_at))::float8 AS age_s
 FROM unnest(%(head_ids)s::bigint[], %(customer_keys)s::text[]) AS h(id, customer_key)
 CROSS JOIN LATERAL (
     SELECT * FROM relay_outbox o
@@ -247,3 +249,242 @@ WHERE project_id = %(project_id)s AND write_key = %(write_key)s
 # Notification channel fired by the relay_outbox_notify trigger (see the first migration).
 NOTIFY_CHANNEL: Final = "relay_outbox"
 LISTEN: Final = "LISTEN relay_outbox"
+
+# --- operators (views, CLI, retention) --------------------------------------------------------
+
+# `relay status`: one row per destination (the relay_status view of migration 0002).
+# Index: none, the view counts every row of relay_outbox (exact figures). Locks: none.
+STATUS_BY_DESTINATION: Final = """
+SELECT destination, pending, in_flight, retrying, held, delivered, coalesced, dead, cancelled,
+       total, oldest_undelivered_age_s, lag_s
+FROM relay_status
+ORDER BY destination
+"""
+
+# Destinations without their keys: readable by relay_operator, whose grant on relay_destination
+# leaves out write_key. Index: seq scan (small table). Locks: none.
+DESTINATION_LIST_WITHOUT_KEY: Final = """
+SELECT project_id, region, api_url, enabled, paused_at, paused_reason, updated_at
+FROM relay_destination
+ORDER BY project_id
+"""
+
+# The same with the key, which the CLI only ever prints masked. Index: seq scan. Locks: none.
+DESTINATION_LIST_WITH_KEY: Final = """
+SELECT project_id, region, api_url, enabled, paused_at, paused_reason, updated_at, write_key
+FROM relay_destination
+ORDER BY project_id
+"""
+
+# May this session read write_key (relay_operator may not)? Index: none (catalog). Locks: none.
+DESTINATION_CAN_READ_KEY: Final = """
+SELECT has_column_privilege('relay_destination', 'write_key', 'SELECT')
+"""
+
+# `relay destinations set`: create or replace a destination. A new key or endpoint lifts a
+# pause (the pause was about the old one) and enables the row; the same key again keeps both,
+# since Customer.io would only reject it again. Index: primary key (ON CONFLICT).
+# Locks: row lock on the destination, until commit.
+DESTINATION_UPSERT: Final = """
+INSERT INTO relay_destination AS d (project_id, region, api_url, write_key, enabled)
+VALUES (%(project_id)s, %(region)s, %(api_url)s, %(write_key)s, true)
+ON CONFLICT (project_id) DO UPDATE
+SET region = excluded.region,
+    api_url = excluded.api_url,
+    write_key = excluded.write_key,
+    enabled = d.enabled
+              OR (d.write_key, d.region, d.api_url)
+                 IS DISTINCT FROM (excluded.write_key, excluded.region, excluded.api_url),
+    paused_at = CASE WHEN (d.write_key, d.region, d.api_url)
+                          IS DISTINCT FROM (excluded.write_key, excluded.region, excluded.api_url)
+                     THEN NULL ELSE d.paused_at END,
+    paused_reason = CASE WHEN (d.write_key, d.region, d.api_url)
+                              IS DISTINCT FROM (excluded.write_key, excluded.region,
+                                                excluded.api_url)
+                         THEN NULL ELSE d.paused_reason END,
+    updated_at = now()
+RETURNING enabled, paused_reason
+"""
+
+# `relay destinations enable|disable`. Index: primary key. Locks: row lock on the destination.
+DESTINATION_SET_ENABLED: Final = """
+UPDATE relay_destination SET enabled = %(enabled)s, updated_at = now()
+WHERE project_id = %(project_id)s
+RETURNING enabled, paused_reason
+"""
+
+# A destination became usable: its held rows go back to the queue, in bounded batches so each
+# transaction is short. SKIP LOCKED: a row a relay is claiming right now is left to the relays'
+# own release of held rows, a few seconds later, rather than waited for (no lock-order
+# deadlock with a claim). Index: relay_outbox_held_idx (partial: held, by project_id).
+# Locks: row locks on the batch. (Every batched statement here names its rows with
+# id = ANY(ARRAY(...)): a primary-key probe per row, never a join the planner could turn into a
+# scan of the whole table.)
+OUTBOX_RELEASE_HELD_PROJECT: Final = """
+WITH picked AS (
+    SELECT id FROM relay_outbox
+    WHERE state = 'held' AND project_id = %(project_id)s
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE relay_outbox o
+SET state = CASE WHEN o.attempts > 0 THEN 'retrying' ELSE 'pending' END,
+    next_attempt_at = now(), updated_at = now()
+WHERE o.id = ANY(ARRAY(SELECT id FROM picked)) AND o.state = 'held'
+RETURNING o.id
+"""
+
+# Wake idle relays now rather than at their next poll (same channel and empty payload as the
+# insert trigger of migration 0001). Delivered at commit. Index: none. Locks: none.
+OUTBOX_WAKE_RELAYS: Final = "SELECT pg_notify('relay_outbox', '')"
+
+# The selectors of `relay retry` and `relay cancel`; a NULL parameter selects everything. The
+# connection never prepares these statements, so each is planned with its actual values and
+# the unused conditions fold away.
+_SELECTED = """
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+  AND (%(customer)s::text IS NULL OR customer_key = %(customer)s::text)
+  AND (%(destination)s::text IS NULL OR coalesce(project_id, 'default') = %(destination)s::text)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR created_at < %(until)s::timestamptz)
+"""
+
+# How many rows in %(states)s the selectors match (--dry-run, and rows left busy).
+# Index: relay_outbox_dead_idx for dead rows, relay_outbox_customer_unfinished_idx for
+# unfinished ones with --customer, the primary key with --id. Locks: none.
+OUTBOX_COUNT_SELECTED: Final = f"""
+SELECT count(*) FROM relay_outbox
+WHERE state = ANY(%(states)s::text[])
+{_SELECTED}
+"""
+
+# `relay retry`: dead rows back to the queue with a fresh attempt budget, in batches (the loop
+# stops when a batch changes nothing). SKIP LOCKED never waits on a relay; the state is checked
+# again on the locked row. Index: relay_outbox_dead_idx (partial: dead), or the primary key /
+# relay_outbox_customer_key_idx when --id / --customer narrow it. Locks: row locks on the batch.
+OUTBOX_REQUEUE_DEAD: Final = f"""
+WITH picked AS (
+    SELECT id FROM relay_outbox
+    WHERE state = 'dead'
+{_SELECTED}
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE relay_outbox o
+SET state = 'pending', attempts = 0, next_attempt_at = now(), lease_owner = NULL,
+    lease_expires_at = NULL, requeued_by = %(by)s, requeued_at = now(), updated_at = now()
+WHERE o.id = ANY(ARRAY(SELECT id FROM picked)) AND o.state = 'dead'
+RETURNING o.id
+"""
+
+# `relay cancel`: rows not yet sent (pending, retrying, held) are cancelled, in batches. Never
+# in-flight rows: a relay is sending them. A row a relay is claiming right now is locked and
+# skipped; if the claim leaves it unsent, the next batch (or the caller's re-count) sees it.
+# Index: relay_outbox_customer_unfinished_idx with --customer, relay_outbox_due_idx /
+# relay_outbox_held_idx otherwise, the primary key with --id. Locks: row locks on the batch.
+OUTBOX_CANCEL_UNSENT: Final = f"""
+WITH picked AS (
+    SELECT id FROM relay_outbox
+    WHERE state IN ('pending', 'retrying', 'held')
+{_SELECTED}
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE relay_outbox o
+SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
+    requeued_by = %(by)s, requeued_at = now(), updated_at = now()
+WHERE o.id = ANY(ARRAY(SELECT id FROM picked)) AND o.state IN ('pending', 'retrying', 'held')
+RETURNING o.id
+"""
+
+# `relay inspect`: a customer's newest %(limit)s messages with every attempt that carried
+# them, newest first. Index: relay_outbox_customer_key_idx for the messages, then
+# relay_attempt_message_ids_idx (GIN, @>) per message. Locks: none.
+HISTORY_FOR_CUSTOMER: Final = """
+SELECT id, message_id, customer_key, project_id, event_id, event_type, kind, state, attempts,
+       created_at, updated_at, delivered_at, last_error, coalesced_into, requeued_by,
+       requeued_at, attempt_id, started_at, status_code, outcome, attempt_error, latency_ms,
+       relay_instance
+FROM relay_message_history
+WHERE id IN (SELECT id FROM relay_outbox WHERE customer_key = %(customer)s
+             ORDER BY id DESC LIMIT %(limit)s)
+ORDER BY id DESC, started_at DESC NULLS LAST, attempt_id DESC
+"""
+
+# How many messages a customer has in all. Index: relay_outbox_customer_key_idx (index-only
+# scan when the visibility map allows). Locks: none.
+OUTBOX_COUNT_CUSTOMER: Final = """
+SELECT count(*) FROM relay_outbox WHERE customer_key = %(customer)s
+"""
+
+# The retention cutoff, fixed once per purge from the database clock. Locks: none.
+RETENTION_CUTOFF: Final = "SELECT now() - %(older_than_s)s * interval '1 second'"
+
+# One window of the message purge: the next %(batch)s rows after id %(after)s, of which the
+# finished ones (%(states)s) last changed before %(cutoff)s are deleted. Returns the window's
+# last id (the next %(after)s, NULL at the end of the table), its oldest created_at (the purge
+# stops once a whole window was written after the cutoff: ids follow write order, so nothing
+# further can be old enough) and the number deleted.
+# A coalesced row is kept while the message now carrying its traits (followed through further
+# coalescing) is not finished: its content has not reached Customer.io yet. The DELETE checks
+# state and age again on the row it locks, so a row an operator re-queued meanwhile survives.
+# Index: primary key (one bounded range per window). Locks: row locks on the deleted rows, for
+# this statement only (autocommit: one short transaction per window).
+OUTBOX_PURGE_WINDOW: Final = """
+WITH win AS (
+    SELECT id, state, updated_at, created_at, coalesced_into FROM relay_outbox
+    WHERE id > %(after)s
+    ORDER BY id
+    LIMIT %(batch)s
+), doomed AS (
+    SELECT w.id FROM win w
+    WHERE w.state = ANY(%(states)s::text[])
+      AND w.updated_at < %(cutoff)s
+      AND NOT (w.state = 'coalesced' AND EXISTS (
+          WITH RECURSIVE carrier(id, state, into_id, depth) AS (
+              SELECT c.id, c.state, c.coalesced_into, 1
+              FROM relay_outbox c WHERE c.id = w.coalesced_into
+              UNION ALL
+              SELECT c.id, c.state, c.coalesced_into, carrier.depth + 1
+              FROM carrier JOIN relay_outbox c ON c.id = carrier.into_id
+              WHERE carrier.state = 'coalesced' AND carrier.depth < 32
+          )
+          SELECT 1 FROM carrier
+          WHERE carrier.state <> 'coalesced' AND NOT carrier.state = ANY(%(states)s::text[])
+      ))
+), gone AS (
+    DELETE FROM relay_outbox m
+    WHERE m.id = ANY(ARRAY(SELECT id FROM doomed))
+      AND m.state = ANY(%(states)s::text[])
+      AND m.updated_at < %(cutoff)s
+    RETURNING m.id
+)
+SELECT (SELECT max(id) FROM win) AS last_id,
+       (SELECT min(created_at) FROM win) AS oldest_written,
+       (SELECT count(*) FROM gone) AS deleted
+"""
+
+# One batch of the attempt purge: the oldest %(batch)s attempts after (%(after_t)s,
+# %(after_id)s) started before %(cutoff)s, deleted whatever their messages' states (an attempt
+# row is audit, nothing reads it to deliver). Keyset on (started_at, id), so each batch starts
+# where the last one ended instead of stepping over the index entries it just deleted.
+# Returns the batch's last key (NULL when none was left) and the number deleted.
+# Index: relay_attempt_started_at_idx (range started_at >= %(after_t)s AND < %(cutoff)s).
+# Locks: row locks on the deleted rows, for this statement only.
+ATTEMPT_PURGE_BATCH: Final = """
+WITH batch AS (
+    SELECT id, started_at FROM relay_attempt
+    WHERE started_at < %(cutoff)s::timestamptz
+      AND started_at >= %(after_t)s::timestamptz
+      AND (started_at, id) > (%(after_t)s::timestamptz, %(after_id)s::bigint)
+    ORDER BY started_at, id
+    LIMIT %(batch)s
+), gone AS (
+    DELETE FROM relay_attempt a WHERE a.id = ANY(ARRAY(SELECT id FROM batch)) RETURNING a.id
+), last AS (
+    SELECT started_at, id FROM batch ORDER BY started_at DESC, id DESC LIMIT 1
+)
+SELECT (SELECT started_at FROM last) AS last_t,
+       (SELECT id FROM last) AS last_id,
+       (SELECT count(*) FROM gone) AS deleted
+"""

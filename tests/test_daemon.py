@@ -281,3 +281,19 @@ def test_failing_customer_does_not_block_others_and_keeps_its_order(
         ("cus_b", "delivered"),  # another customer flows on
         ("cus_b", "delivered"),
     ]
+
+
+def test_a_requeued_old_message_gets_a_fresh_age_limit(dsn: str, cio: FakeCustomerIO) -> None:
+    write_events(dsn, [funnel_event("cus_old", 0)])
+    with psycopg.connect(dsn) as conn:
+        # written two days ago, died, and re-queued by an operator just now
+        conn.execute(
+            "UPDATE relay_outbox SET created_at = now() - interval '2 days',"
+            " requeued_at = now(), requeued_by = 'ops'"
+        )
+        conn.commit()
+    cio.script(["500"])
+    relay = make_relay(dsn, cio)
+    relay.deliver_once()
+    relay.close()
+    assert states(dsn) == {"retrying": 2}  # not dead: the age limit counts from the re-queue
