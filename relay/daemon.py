@@ -486,9 +486,12 @@ class Relay:
 
         if outcome is Outcome.RETRY:
             retry_after = parse_retry_after(res.retry_after, datetime.now(UTC))
+            # One jitter draw per request: a customer's messages in this batch then come due
+            # together and go out together, instead of one by one in their order.
+            jitter = self._rand()
             rows: list[tuple[int, str, int, float, str | None]] = []
             for i in items:
-                d = decide(i.attempts + 1, i.age_s, retry_after, self.policy, self._rand())
+                d = decide(i.attempts + 1, i.age_s, retry_after, self.policy, jitter)
                 if d.dead:
                     rows.append((i.row_id, "dead", 1, 0.0, f"{error}; {d.reason}"))
                     result.dead += 1
