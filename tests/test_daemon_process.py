@@ -259,3 +259,53 @@ def test_metrics_count_what_happened(dsn: str, cio: FakeCustomerIO) -> None:
     assert 'relay_http_requests_total{destination="default",status="200"} 1.0' in text
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM relay_attempt").fetchone() == (1,)
+
+
+def test_relay_migrate_applies_the_schema(empty_dsn: str, cio: FakeCustomerIO) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "migrate"],
+        env=relay_env(empty_dsn, cio),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "migrated to head" in proc.stdout
+    version = query(empty_dsn, "SELECT version_num FROM relay_alembic_version")
+    assert version and version[0][0] >= "0002"
+
+
+def test_relay_run_without_database_url_uses_an_embedded_postgres(
+    tmp_path: Any, cio: FakeCustomerIO, dsn: str
+) -> None:
+    env = relay_env(dsn, cio)
+    del env["DATABASE_URL"]
+    data_dir = tmp_path / "pg"
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "relay.cli",
+                "run",
+                "--drain",
+                "--timeout",
+                "20",
+                "--data-dir",
+                str(data_dir),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "embedded PostgreSQL" in proc.stderr
+        assert "drain complete" in proc.stderr
+        assert (data_dir / "PG_VERSION").exists()
+    finally:
+        from relay.embedded import EmbeddedPostgres
+
+        # The relay stops its embedded server when it exits; make sure, even if it crashed.
+        if (data_dir / "postmaster.pid").exists():
+            EmbeddedPostgres(data_dir).stop()
