@@ -169,8 +169,14 @@ class Relay:
             raise DatabaseUnavailable(
                 f"cannot connect to {redact_dsn(self.dsn)}: {first_line(str(exc))}"
             ) from exc
-        conn.execute(q.SESSION_ASYNC_COMMIT)
-        conn.commit()
+        try:
+            conn.execute(q.SESSION_ASYNC_COMMIT)
+            conn.commit()
+        except psycopg.OperationalError as exc:
+            # The session can be cut between connect and its first statement (a restart,
+            # pg_terminate_backend): still an outage, not a crash.
+            conn.close()
+            raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
         return conn
 
     @contextmanager

@@ -12,7 +12,11 @@ import re
 import sys
 from datetime import UTC, datetime
 
-_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+# Unicode-aware: names and domains outside ASCII (josé@exämple.de) are addresses too, also
+# when they arrive JSON-escaped (jos\u00e9@...) inside a response body quoted in a log line.
+_CH = r"(?:[\w.%+'-]|\\u[0-9a-fA-F]{4})"
+_DOM = r"(?:[\w-]|\\u[0-9a-fA-F]{4})+"
+_EMAIL = re.compile(rf"([\w.%+'-]){_CH}*@({_DOM}(?:\.{_DOM})*\.\w{{2,}})")
 _secrets: set[str] = set()
 
 
@@ -66,5 +70,8 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # APScheduler logs every job run at INFO; keep its warnings and errors only.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached" only means a delivery run
+    # outlasted the poll interval, which is normal under load.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -98,6 +98,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
 
@@ -376,6 +377,12 @@ def format_timestamp(moment: datetime) -> str:
     )
 
 
+# Integers wider than this are refused in free-form values (json gives up past 4300 digits).
+_MAX_INT_BITS: Final = 256
+# 9999-12-31T23:59:59Z: the last second a timestamp can name.
+_MAX_UNIX_SECONDS: Final = 253_402_300_800
+
+
 def _message_id(event_id: str, kind: MessageKind) -> str:
     return str(uuid.uuid5(MESSAGE_ID_NAMESPACE, f"{event_id}:{kind}"))
 
@@ -388,10 +395,11 @@ def _message(
     draft: dict[str, Any],
 ) -> OutboxMessage:
     encoded = json.dumps(draft, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    if len(encoded) > MAX_MESSAGE_BYTES:
+    size = len(encoded) + _jsonb_float_growth(draft)
+    if size > MAX_MESSAGE_BYTES:
         raise InvalidEvent(
             trim_field,
-            f"{kind} message is {len(encoded)} bytes once encoded, "
+            f"{kind} message is {size} bytes once encoded, "
             f"over Customer.io's {MAX_MESSAGE_BYTES}-byte limit",
         )
     return OutboxMessage(
@@ -407,6 +415,22 @@ def _message(
         body=json.loads(encoded),
         encoded=encoded,
     )
+
+
+def _jsonb_float_growth(value: object) -> int:
+    """How many bytes longer the message's floats are once stored in jsonb and sent.
+
+    jsonb keeps numbers as ``numeric``, which prints without an exponent: ``1e300`` comes back
+    as 301 digits and ``1e-07`` as ``0.0000001``. The relay sends what the outbox holds, so the
+    size limit must count that spelling, or a message accepted here would die unsent.
+    """
+    if isinstance(value, float):
+        return len(format(Decimal(repr(value)), "f")) - len(json.dumps(value))
+    if isinstance(value, dict):
+        return sum(_jsonb_float_growth(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_jsonb_float_growth(v) for v in value)
+    return 0
 
 
 def _traits(event: Event, config: MappingConfig) -> dict[str, Any]:
@@ -553,11 +577,16 @@ def _parse_created_at(value: object) -> int | None:
     # bool is an int subclass; True as a creation time is a bug upstream, not second 1.
     if isinstance(value, bool):
         raise InvalidEvent(path, "must be Unix seconds or an ISO-8601 string, got bool")
+    if isinstance(value, int | float) and not (
+        abs(value) < _MAX_UNIX_SECONDS  # also False for NaN
+    ):
+        shown = repr(value) if isinstance(value, float) else f"a {value.bit_length()}-bit integer"
+        raise InvalidEvent(
+            path, f"must be a finite number of Unix seconds before year 10000, got {shown}"
+        )
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InvalidEvent(path, f"must be a finite number of Unix seconds, got {value}")
         return math.floor(value)
     if isinstance(value, (str, datetime)):
         return math.floor(_parse_instant(value, path).timestamp())
@@ -621,6 +650,7 @@ def _parse_instant(value: object, path: str) -> datetime:
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str):
+        _check_text(value, path)
         try:
             moment = datetime.fromisoformat(value)
         except ValueError as exc:
@@ -646,7 +676,13 @@ def _parse_instant(value: object, path: str) -> datetime:
 
 def _json_copy(value: object, path: str, depth: int) -> Any:
     """Check that ``value`` is JSON that jsonb can store, and return a private copy."""
-    if value is None or isinstance(value, (bool, int)):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        # Python prints ints of any size, but json refuses past 4300 digits and no consumer
+        # downstream reads such a number back exactly: refuse it here, by name.
+        if value.bit_length() > _MAX_INT_BITS:
+            raise InvalidEvent(path, f"is an integer wider than {_MAX_INT_BITS} bits")
         return value
     if isinstance(value, str):
         _check_text(value, path)
