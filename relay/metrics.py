@@ -11,8 +11,9 @@ class Metrics:
         r = self.registry
         self.messages = Counter(
             "relay_messages_total",
-            "Messages by final outcome of a request (delivered, retrying, dead, held)",
-            ["destination", "event", "outcome"],
+            "Messages by outcome of a request (delivered, retrying, dead, held), by AppFunnel "
+            "event and message kind",
+            ["destination", "event", "kind", "outcome"],
             registry=r,
         )
         self.coalesced = Counter(

@@ -70,14 +70,16 @@ FOR UPDATE OF m SKIP LOCKED
 
 # For each claimed head, the customer's unfinished rows from the head on, in write order, at
 # most %(per_customer)s each. The caller keeps the prefix that is due (it stops at the first
-# row that is held, in flight or waiting for a later retry). A message's age (for the age
-# limit) restarts when an operator re-queues it, or an old message would die again on its
-# first retryable failure.
+# row that is held, in flight or waiting for a later retry). The body comes as text: tracks
+# are sent as stored, and only identifies (which coalescing merges) are parsed. A message's
+# age (for the age limit) restarts when an operator re-queues it, or an old message would die
+# again on its first retryable failure.
 # Index: relay_outbox_customer_unfinished_idx (customer_key, id), one range scan per customer.
 # Locks: FOR UPDATE on those rows. Nobody else can be claiming them (their head is ours), so
 # this only waits for an operator command touching the same rows.
 OUTBOX_CLAIM_FOLLOWERS: Final = """
-SELECT o.id, o.customer_key, o.kind, o.project_id, o.body, o.attempts, o.state,
+SELECT o.id, o.customer_key, o.kind, o.project_id, o.event_type, o.body::text, o.attempts,
+       o.state,
        o.next_attempt_at <= now() AS due,
        extract(epoch FROM now() - greatest(o.created_at, o.requeued_at))::float8 AS age_s
 FROM unnest(%(head_ids)s::bigint[], %(customer_keys)s::text[]) AS h(id, customer_key)

@@ -251,10 +251,8 @@ def test_metrics_count_what_happened(dsn: str, cio: FakeCustomerIO) -> None:
     from prometheus_client import generate_latest
 
     text = generate_latest(relay.metrics.registry).decode()
-    assert (
-        'relay_messages_total{destination="default",event="identify",outcome="delivered"} 1.0'
-        in text
-    )
+    labels = 'destination="default",event="checkout.start",kind="identify",outcome="delivered"'
+    assert f"relay_messages_total{{{labels}}} 1.0" in text
     assert 'relay_messages_coalesced_total{destination="default"} 2.0' in text
     assert 'relay_http_requests_total{destination="default",status="200"} 1.0' in text
     with psycopg.connect(dsn) as conn:
