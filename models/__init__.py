@@ -1,21 +1,23 @@
-"""The relay's schema: SQLAlchemy models, the one source of truth that Alembic migrates."""
+"""The relay's schema: SQLAlchemy models, the one source of truth that Alembic migrates.
 
-from models.schema import (
-    ATTEMPT_OUTCOMES,
-    MESSAGE_KINDS,
-    MESSAGE_STATES,
-    Base,
-    DeliveryAttempt,
-    Destination,
-    OutboxMessage,
-)
+The models are imported on first use, so code that needs only the state names
+(``models.states``) does not pay for importing SQLAlchemy.
+"""
 
-__all__ = [
-    "ATTEMPT_OUTCOMES",
-    "MESSAGE_KINDS",
-    "MESSAGE_STATES",
-    "Base",
-    "DeliveryAttempt",
-    "Destination",
-    "OutboxMessage",
-]
+from __future__ import annotations
+
+from typing import Any
+
+from models.states import ATTEMPT_OUTCOMES, MESSAGE_KINDS, MESSAGE_STATES
+
+_MODELS = ("Base", "DeliveryAttempt", "Destination", "OutboxMessage")
+
+__all__ = ["ATTEMPT_OUTCOMES", "MESSAGE_KINDS", "MESSAGE_STATES", *_MODELS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODELS:
+        from models import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

@@ -37,24 +37,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-MESSAGE_KINDS = ("identify", "track")
-MESSAGE_STATES = (
-    "pending",
-    "in_flight",
-    "retrying",
-    "held",
-    "delivered",
-    "coalesced",
-    "dead",
-    "cancelled",
+from models.states import (
+    ATTEMPT_OUTCOMES,
+    DUE_STATES,
+    MESSAGE_KINDS,
+    MESSAGE_STATES,
+    UNFINISHED_STATES,
 )
-ATTEMPT_OUTCOMES = ("delivered", "retry", "rejected", "unauthorized")
-
-# States in which a message still has to reach Customer.io. A customer's later message may not
-# be sent while an earlier one is in one of these (per-customer order).
-UNFINISHED_STATES = ("pending", "retrying", "in_flight", "held")
-# States the claim query reads.
-DUE_STATES = ("pending", "retrying")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import psycopg
 
-from models.schema import MESSAGE_STATES
+from models.states import MESSAGE_STATES
 from relay import logs
 from relay import queries as q
 from relay.client import base_url_for, mask_key

@@ -12,6 +12,7 @@ driver) and a psycopg 3 ``Connection``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -90,17 +91,26 @@ def record_events(
 
 
 def _insert(conn: Any, messages: Sequence[OutboxMessage]) -> list[str]:
-    params = {
-        "message_ids": [m.message_id for m in messages],
-        "event_ids": [m.event_id for m in messages],
-        "kinds": [m.kind for m in messages],
-        "customer_keys": [m.customer_key for m in messages],
-        "project_ids": [m.project_id for m in messages],
-        "event_types": [m.event_type for m in messages],
-        "bodies": [m.encoded.decode() for m in messages],
-        "occurred_ats": [m.occurred_at.isoformat() for m in messages],
-    }
-    return [row[0] for row in _execute(conn, OUTBOX_INSERT_MESSAGES, params)]
+    # One JSON array for all rows; each message's already-encoded body is spliced in as is
+    # rather than encoded a second time.
+    parts = []
+    for ord_, m in enumerate(messages):
+        head = json.dumps(
+            {
+                "ord": ord_,
+                "message_id": m.message_id,
+                "event_id": m.event_id,
+                "kind": m.kind,
+                "customer_key": m.customer_key,
+                "project_id": m.project_id,
+                "event_type": m.event_type,
+                "occurred_at": m.occurred_at.isoformat(),
+            },
+            ensure_ascii=False,
+        )
+        parts.append(head[:-1] + ',"body":' + m.encoded.decode() + "}")
+    rows = "[" + ",".join(parts) + "]"
+    return [row[0] for row in _execute(conn, OUTBOX_INSERT_MESSAGES, {"rows": rows})]
 
 
 def _execute(conn: Any, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
