@@ -434,18 +434,19 @@ BEGIN
         DELETE FROM ceiling_claim WHERE id = ANY(v_coalesced);
         SELECT coalesce(array_agg(id ORDER BY pos, kind <> 'identify', id), '{{}}')
           INTO v_send FROM ceiling_claim;
-        p_ids := v_send;
-        {_plpgsql(q.OUTBOX_MARK_IN_FLIGHT)};
-        IF cardinality(v_coalesced) > 0 THEN
-            p_ids := v_coalesced;
-            p_into_ids := v_into;
-            {_plpgsql(q.OUTBOX_MARK_COALESCED)};
-        END IF;
-        IF cardinality(v_rw_ids) > 0 THEN
-            p_ids := v_rw_ids;
-            p_bodies := v_rw_bodies;
-            {_plpgsql(q.OUTBOX_REWRITE_BODIES)};
-        END IF;
+        -- One marking statement, as the relay does: rows to send in flight (carriers with
+        -- their merged body), merged-away identifies coalesced.
+        SELECT array_agg(x.id ORDER BY x.n), array_agg(x.state ORDER BY x.n),
+               array_agg(x.into_id ORDER BY x.n), array_agg(x.body ORDER BY x.n)
+          INTO p_ids, p_states, p_into_ids, p_bodies
+          FROM (SELECT s.id, 'in_flight'::text AS state, NULL::bigint AS into_id, rw.body,
+                       s.n
+                  FROM unnest(v_send) WITH ORDINALITY AS s(id, n)
+                  LEFT JOIN unnest(v_rw_ids, v_rw_bodies) AS rw(id, body) USING (id)
+                UNION ALL
+                SELECT c.id, 'coalesced', c.into_id, NULL, 1000000000 + c.n
+                  FROM unnest(v_coalesced, v_into) WITH ORDINALITY AS c(id, into_id, n)) x;
+        {_plpgsql(q.OUTBOX_CLAIM_MARK)};
         COMMIT;
         -- Record: one attempt row and one outcome statement per request of <= {batch} items.
         FOR i IN 0 .. (cardinality(v_send) - 1) / {batch} LOOP

@@ -352,20 +352,20 @@ class Relay:
                 if plan.coalesced_into:
                     self.metrics.coalesced.labels(route.pause_key).inc(len(plan.coalesced_into))
 
-            if in_flight:
+            marks = [(i, "in_flight", None, rewritten.get(i)) for i in in_flight] + [
+                (i, "coalesced", into, None) for i, into in coalesced.items()
+            ]
+            if marks:
                 conn.execute(
-                    q.OUTBOX_MARK_IN_FLIGHT,
-                    {"ids": in_flight, "owner": self.instance, "lease_s": self.settings.lease_s},
-                )
-            if coalesced:
-                conn.execute(
-                    q.OUTBOX_MARK_COALESCED,
-                    {"ids": list(coalesced), "into_ids": list(coalesced.values())},
-                )
-            if rewritten:
-                conn.execute(
-                    q.OUTBOX_REWRITE_BODIES,
-                    {"ids": list(rewritten), "bodies": [b.decode() for b in rewritten.values()]},
+                    q.OUTBOX_CLAIM_MARK,
+                    {
+                        "ids": [m[0] for m in marks],
+                        "states": [m[1] for m in marks],
+                        "into_ids": [m[2] for m in marks],
+                        "bodies": [m[3].decode() if m[3] is not None else None for m in marks],
+                        "owner": self.instance,
+                        "lease_s": self.settings.lease_s,
+                    },
                 )
             for reason, ids in held.items():
                 conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason})

@@ -202,7 +202,17 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
             },
         ).fetchall()
         ids = [f[0] for f in followers]
-        conn.execute(q.OUTBOX_MARK_IN_FLIGHT, {"ids": ids, "owner": "w1", "lease_s": 30})
+        conn.execute(
+            q.OUTBOX_CLAIM_MARK,
+            {
+                "ids": ids,
+                "states": ["in_flight"] * len(ids),
+                "into_ids": [None] * len(ids),
+                "bodies": [None] * len(ids),
+                "owner": "w1",
+                "lease_s": 30,
+            },
+        )
         conn.commit()
         conn.execute(
             q.ATTEMPT_INSERT,
