@@ -90,6 +90,59 @@ def plan_batches(
     return batches
 
 
+def plan_chains(
+    keys: Sequence[str],
+    sizes: Sequence[int],
+    max_items: int = DEFAULT_MAX_ITEMS,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> list[list[range]]:
+    """Batches that share no customer, so they can be sent at the same time.
+
+    ``keys[i]`` is item ``i``'s customer; a customer's items are consecutive, in write order.
+    Whole customers are packed into batches (in order, greedily). Each returned chain is a list
+    of batches that must go one after another: a chain of one batch for packed customers, or,
+    for a customer whose items do not fit one batch, that customer's own batches in order.
+    Different chains never hold the same customer, so sending chains concurrently keeps every
+    customer's order. Concatenated, all ranges cover ``range(len(sizes))`` exactly once.
+    """
+    if len(keys) != len(sizes):
+        raise ValueError("keys and sizes must have the same length")
+    groups: list[range] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            groups.append(range(start, i))
+            start = i
+    chains: list[list[range]] = []
+    current: range | None = None
+    used = ENVELOPE_BYTES
+    for group in groups:
+        group_sizes = [sizes[i] for i in group]
+        group_bytes = sum(group_sizes) + len(group) - 1
+        if len(group) > max_items or ENVELOPE_BYTES + group_bytes > max_bytes:
+            # Too big for one batch: its own chain, split in order.
+            offset = group.start
+            chains.append(
+                [
+                    range(offset + r.start, offset + r.stop)
+                    for r in plan_batches(group_sizes, max_items, max_bytes)
+                ]
+            )
+            current = None  # the next customer starts a new batch after this chain
+            continue
+        if current is not None and (
+            len(current) + len(group) <= max_items and used + 1 + group_bytes <= max_bytes
+        ):
+            current = range(current.start, group.stop)
+            used += 1 + group_bytes
+            chains[-1] = [current]
+            continue
+        current = group
+        used = ENVELOPE_BYTES + group_bytes
+        chains.append([current])
+    return chains
+
+
 def bisect(n: int) -> tuple[range, range]:
     """Split a rejected batch of ``n`` items into two halves, the first taking the odd item.
 

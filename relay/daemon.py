@@ -32,6 +32,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ from typing import Any, Literal, cast
 import psycopg
 
 from relay import queries as q
-from relay.batching import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, bisect, plan_batches
+from relay.batching import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, bisect, plan_chains
 from relay.client import CustomerIOClient, Destination, SendResult
 from relay.coalesce import Claimed, Outgoing, Plan, coalesce
 from relay.db import first_line, redact_dsn
@@ -157,6 +158,9 @@ class Relay:
         self._work_conn: Conn | None = None
         self._svc_conn: Conn | None = None
         self._svc_lock = threading.Lock()
+        # Guards the delivery connection while chains are sent concurrently (see _tx).
+        self._db_lock = threading.RLock()
+        self._pool: ThreadPoolExecutor | None = None
         self._destinations_at = 0.0
 
     # --- connections -------------------------------------------------------------------------
@@ -211,6 +215,9 @@ class Relay:
             if conn is not None and not conn.closed:
                 conn.close()
         self._work_conn = self._svc_conn = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.router.close()
 
     # --- destinations ------------------------------------------------------------------------
@@ -382,45 +389,80 @@ class Relay:
     # --- sending -----------------------------------------------------------------------------
 
     def _send_destination(self, conn: Conn, unit: _Work, result: CycleResult) -> None:
-        dest = unit.route.destination
-        assert dest is not None
+        """Send one destination's share of a claim: chains of batches, several at a time.
+
+        Chains share no customer (``plan_chains``), so running them concurrently keeps every
+        customer's order while hiding the request latency; within a chain, batches go one
+        after another, and a customer whose message failed has its later ones handed back.
+        """
         items = unit.items
-        blocked: set[str] = set()  # customers with a failed message in this cycle
-        leftovers: list[int] = []
-        paused = False
-        lease_renewed = time.monotonic()
-        ranges = plan_batches(
+        chains = plan_chains(
+            [i.customer_key for i in items],
             [len(i.encoded) for i in items],
             max_items=self.settings.batch_size,
             max_bytes=MAX_BATCH_BYTES,
         )
-        for n, rng in enumerate(ranges):
-            batch = [items[i] for i in rng]
-            if paused or self.stopping.is_set():
-                leftovers.extend(i.row_id for r in ranges[n:] for i in (items[j] for j in r))
+        paused = threading.Event()  # set by the first 401/403: every chain stops
+        plans = [[[items[j] for j in r] for r in chain] for chain in chains]
+        workers = min(self.settings.concurrency, len(plans))
+        if workers <= 1:
+            parts = [self._send_chain(conn, unit.route, p, paused) for p in plans]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.settings.concurrency, thread_name_prefix="relay-send"
+                )
+            futures = [
+                self._pool.submit(self._send_chain, conn, unit.route, p, paused) for p in plans
+            ]
+            parts = [f.result() for f in futures]
+        for part in parts:
+            result.add(part)
+
+    def _send_chain(
+        self, conn: Conn, route: Route, batches: list[list[Item]], paused: threading.Event
+    ) -> CycleResult:
+        result = CycleResult()
+        blocked: set[str] = set()  # customers with a failed message in this chain
+        leftovers: list[int] = []
+        lease_renewed = time.monotonic()
+        for n, batch in enumerate(batches):
+            if paused.is_set() or self.stopping.is_set():
+                leftovers.extend(i.row_id for b in batches[n:] for i in b)
                 break
             ready = [i for i in batch if i.customer_key not in blocked]
             leftovers.extend(i.row_id for i in batch if i.customer_key in blocked)
             if not ready:
                 continue
             if time.monotonic() - lease_renewed > self.settings.lease_s / 3:
-                rest = [items[j].row_id for r in ranges[n:] for j in r]
-                with conn.transaction():
+                rest = [i.row_id for b in batches[n:] for i in b]
+                with self._tx(conn):
                     conn.execute(
                         q.OUTBOX_EXTEND_LEASE,
                         {"ids": rest, "owner": self.instance, "lease_s": self.settings.lease_s},
                     )
                 lease_renewed = time.monotonic()
-            if self._send(conn, unit.route, ready, blocked, result) == Outcome.UNAUTHORIZED:
-                paused = True
+            if self._send(conn, route, ready, blocked, result) == Outcome.UNAUTHORIZED:
+                paused.set()
         if leftovers:
-            with conn.transaction():
+            with self._tx(conn):
                 conn.execute(
                     q.OUTBOX_RELEASE, {"ids": leftovers, "owner": self.instance, "delay_s": 0.0}
                 )
             result.released += len(leftovers)
-            if paused:
-                self._hold_paused(conn, unit.route, leftovers)
+            if paused.is_set():
+                self._hold_paused(conn, route, leftovers)
+        return result
+
+    @contextmanager
+    def _tx(self, conn: Conn) -> Iterator[None]:
+        """A transaction on the delivery connection, one sending thread at a time.
+
+        Chains are sent concurrently but share the cycle's connection: a psycopg connection
+        serialises statements, not transactions, so the lock keeps each record atomic.
+        """
+        with self._db_lock, conn.transaction():
+            yield
 
     def _send(
         self,
@@ -510,7 +552,7 @@ class Relay:
             part = [items[j] for j in half if items[j].customer_key not in blocked]
             skipped = [items[j].row_id for j in half if items[j].customer_key in blocked]
             if skipped:
-                with conn.transaction():
+                with self._tx(conn):
                     conn.execute(
                         q.OUTBOX_RELEASE,
                         {"ids": skipped, "owner": self.instance, "delay_s": 0.0},
@@ -543,7 +585,7 @@ class Relay:
         rows: Sequence[tuple[int, str, int, float, str | None]],
     ) -> None:
         """One transaction: the attempt row and every message's new state."""
-        with conn.transaction():
+        with self._tx(conn):
             conn.execute(
                 q.ATTEMPT_INSERT,
                 {
@@ -590,16 +632,17 @@ class Relay:
         if route.pause_key == DEFAULT:
             self.router.pause_default(reason)
         else:
-            with conn.transaction():
+            with self._tx(conn):
                 conn.execute(
                     q.DESTINATION_PAUSE,
                     {"project_id": route.pause_key, "write_key": dest.write_key, "reason": reason},
                 )
-            self.refresh_destinations(conn)
+            with self._db_lock:
+                self.refresh_destinations(conn)
         self.metrics.paused.set(len(self.router.paused))
 
     def _hold_paused(self, conn: Conn, route: Route, ids: list[int]) -> None:
-        with conn.transaction():
+        with self._tx(conn):
             conn.execute(
                 q.OUTBOX_MARK_HELD,
                 {"ids": ids, "reason": f"destination {route.pause_key} is paused"},

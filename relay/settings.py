@@ -24,6 +24,8 @@ class Settings:
     region: str = "us"
     api_url: str | None = None
     batch_size: int = 100
+    # Requests in flight at once per relay (batches that share no customer).
+    concurrency: int = 4
     poll_interval_s: float = 1.0
     lease_s: float = 30.0
     http_timeout_s: float = 10.0
@@ -70,6 +72,8 @@ class Settings:
             parts = urlsplit(self.database_url)
             if parts.scheme not in ("postgres", "postgresql"):
                 raise ConfigError("DATABASE_URL must be a URL starting with postgresql://")
+        if not 1 <= self.concurrency <= 64:
+            raise ConfigError("RELAY_CONCURRENCY must be between 1 and 64")
         for name in ("batch_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_ENV_OF[name]} must be at least 1")
@@ -109,6 +113,7 @@ _ENV_OF = {
     "region": "CUSTOMERIO_REGION",
     "api_url": "CUSTOMERIO_API_URL",
     "batch_size": "RELAY_BATCH_SIZE",
+    "concurrency": "RELAY_CONCURRENCY",
     "poll_interval_s": "RELAY_POLL_INTERVAL",
     "lease_s": "RELAY_LEASE_SECONDS",
     "http_timeout_s": "RELAY_HTTP_TIMEOUT",

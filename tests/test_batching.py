@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 from itertools import chain, pairwise
 
@@ -15,6 +16,7 @@ from relay.batching import (
     bisect,
     oversize,
     plan_batches,
+    plan_chains,
 )
 
 
@@ -156,3 +158,52 @@ def test_bisect_halves_cover_the_batch(n: int) -> None:
 def test_bisect_needs_two_items(n: int) -> None:
     with pytest.raises(ValueError, match="at least 2"):
         bisect(n)
+
+
+# --- plan_chains: batches that share no customer ------------------------------------------
+
+
+def _flatten(chains: list[list[range]]) -> list[int]:
+    return [i for batches in chains for r in batches for i in r]
+
+
+def test_chains_pack_whole_customers_and_never_share_one() -> None:
+    keys = ["a"] * 3 + ["b"] * 4 + ["c"] * 2 + ["d"] * 5
+    chains = plan_chains(keys, [10] * len(keys), max_items=5)
+    # a(3) fits, b(4) does not fit beside a -> new batch; c(2) does not fit beside b; d(5) alone
+    assert chains == [[range(0, 3)], [range(3, 7)], [range(7, 9)], [range(9, 14)]]
+    owners = [{keys[i] for r in batches for i in r} for batches in chains]
+    for x, y in itertools.combinations(owners, 2):
+        assert not x & y
+
+
+def test_a_customer_bigger_than_a_batch_is_its_own_ordered_chain() -> None:
+    keys = ["a"] + ["big"] * 12 + ["c"]
+    chains = plan_chains(keys, [10] * len(keys), max_items=5)
+    assert chains == [
+        [range(0, 1)],
+        [range(1, 6), range(6, 11), range(11, 13)],
+        [range(13, 14)],
+    ]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(1, 40)), min_size=1, max_size=60),
+    st.integers(1, 8),
+)
+def test_chains_cover_every_item_once_in_order_within_limits(
+    groups: list[tuple[str, int]], max_items: int
+) -> None:
+    keys: list[str] = []
+    for n, (key, count) in enumerate(groups):
+        keys += [f"{key}{n}"] * (count % 9 + 1)
+    sizes = [100 + (i * 37) % 900 for i in range(len(keys))]
+    chains = plan_chains(keys, sizes, max_items=max_items, max_bytes=ENVELOPE_BYTES + 40_000)
+    assert _flatten(chains) == list(range(len(keys)))
+    seen: dict[str, int] = {}
+    for c, batches in enumerate(chains):
+        for r in batches:
+            assert 1 <= len(r) <= max_items
+            assert ENVELOPE_BYTES + sum(sizes[i] for i in r) + len(r) - 1 <= ENVELOPE_BYTES + 40_000
+            for i in r:
+                assert seen.setdefault(keys[i], c) == c  # a customer lives in one chain
