@@ -110,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drain", action="store_true", help="deliver everything due, then exit 0")
     r.add_argument("--timeout", type=float, help="with --drain: give up after SECONDS (exit 4)")
     r.add_argument("--batch-size", type=int, help="messages per request (RELAY_BATCH_SIZE)")
-    r.add_argument(
-        "--concurrency", type=int, help="requests in flight at once (RELAY_CONCURRENCY)"
-    )
+    r.add_argument("--concurrency", type=int, help="requests in flight at once (RELAY_CONCURRENCY)")
     r.add_argument("--poll-interval", type=float, help="seconds (RELAY_POLL_INTERVAL)")
     r.add_argument("--lease", type=float, help="lease seconds (RELAY_LEASE_SECONDS)")
     r.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port")
