@@ -283,16 +283,12 @@ class Relay:
         with self._work() as conn:
             if time.monotonic() - self._destinations_at > 5.0:
                 self.refresh_destinations(conn)
+            claimed_at = time.monotonic()
             result, work = self._claim(conn)
-            if not work:
-                return result
-            try:
-                for unit in work.values():
-                    self._send_destination(conn, unit, result)
-            except BaseException:
-                # Whatever happened (a bug, the database went away), rows still in flight stay
-                # leased to us and are rescued when the lease expires.
-                raise
+            # If sending fails midway (a bug, the database went away), rows still in flight
+            # stay leased to us and are rescued when the lease expires.
+            for unit in work.values():
+                self._send_destination(conn, unit, result, claimed_at)
             return result
 
     def _claim(self, conn: Conn) -> tuple[CycleResult, dict[str, _Work]]:
@@ -388,7 +384,9 @@ class Relay:
 
     # --- sending -----------------------------------------------------------------------------
 
-    def _send_destination(self, conn: Conn, unit: _Work, result: CycleResult) -> None:
+    def _send_destination(
+        self, conn: Conn, unit: _Work, result: CycleResult, claimed_at: float
+    ) -> None:
         """Send one destination's share of a claim: chains of batches, several at a time.
 
         Chains share no customer (``plan_chains``), so running them concurrently keeps every
@@ -406,26 +404,34 @@ class Relay:
         plans = [[[items[j] for j in r] for r in chain] for chain in chains]
         workers = min(self.settings.concurrency, len(plans))
         if workers <= 1:
-            parts = [self._send_chain(conn, unit.route, p, paused) for p in plans]
+            parts = [self._send_chain(conn, unit.route, p, paused, claimed_at) for p in plans]
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     self.settings.concurrency, thread_name_prefix="relay-send"
                 )
             futures = [
-                self._pool.submit(self._send_chain, conn, unit.route, p, paused) for p in plans
+                self._pool.submit(self._send_chain, conn, unit.route, p, paused, claimed_at)
+                for p in plans
             ]
             parts = [f.result() for f in futures]
         for part in parts:
             result.add(part)
 
     def _send_chain(
-        self, conn: Conn, route: Route, batches: list[list[Item]], paused: threading.Event
+        self,
+        conn: Conn,
+        route: Route,
+        batches: list[list[Item]],
+        paused: threading.Event,
+        claimed_at: float,
     ) -> CycleResult:
         result = CycleResult()
         blocked: set[str] = set()  # customers with a failed message in this chain
         leftovers: list[int] = []
-        lease_renewed = time.monotonic()
+        # The lease runs from the claim, not from when this chain got a worker: a chain that
+        # waited behind slow ones renews before its first request.
+        lease_renewed = claimed_at
         for n, batch in enumerate(batches):
             if paused.is_set() or self.stopping.is_set():
                 leftovers.extend(i.row_id for b in batches[n:] for i in b)

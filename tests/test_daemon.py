@@ -297,3 +297,23 @@ def test_a_requeued_old_message_gets_a_fresh_age_limit(dsn: str, cio: FakeCustom
     relay.deliver_once()
     relay.close()
     assert states(dsn) == {"retrying": 2}  # not dead: the age limit counts from the re-queue
+
+
+def test_a_failure_inside_a_long_customer_chain_holds_back_the_rest_of_it(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    # 20 tracks of ~25 KB: more than one 475,000-byte batch, so the customer's messages form a
+    # chain of batches that must go one after another.
+    write_events(dsn, [funnel_event("cus_long", n, blob="x" * 25_000) for n in range(20)])
+    cio.script(["500"])
+    relay = make_relay(dsn, cio)
+    relay.deliver_once()
+    relay.close()
+    assert len(cio.requests) == 1  # the chain's second batch was not sent past the failure
+    assert cio.accepted_items() == []
+    assert "in_flight" not in states(dsn)
+    run_drain(make_relay(dsn, cio))
+    tracks = [i["properties"]["n"] for i in cio.accepted_items() if i["type"] == "track"]
+    assert tracks == list(range(20))
+    assert len(cio.requests) == 3  # the failed one, then the two batches of the chain in order
+    assert states(dsn).keys() <= {"delivered", "coalesced"}
