@@ -161,6 +161,7 @@ class Relay:
         # Guards the delivery connection while chains are sent concurrently (see _tx).
         self._db_lock = threading.RLock()
         self._pool: ThreadPoolExecutor | None = None
+        self._vacuum_disabled = settings.vacuum_interval_s <= 0
         self._destinations_at = 0.0
 
     # --- connections -------------------------------------------------------------------------
@@ -267,6 +268,44 @@ class Relay:
             oldest = max(oldest, oldest_s or 0.0)
         self.metrics.oldest.set(oldest)
         return {state: n for state, n, _ in rows}
+
+    def vacuum_if_needed(self) -> bool:
+        """VACUUM the outbox when its dead tuples pile up and nothing else has vacuumed it.
+
+        Autovacuum is the first line (the table's own settings make it eager); this covers
+        servers where it is off or behind, where the claim otherwise slows as dead index
+        entries accumulate (measured: p50 commit-to-received 2.3 s at 500 events/s with
+        autovacuum off, 3 ms with a vacuum every second). Returns whether it vacuumed.
+        """
+        if self._vacuum_disabled:
+            return False
+        s = self.settings
+        with self._svc() as conn, conn.transaction():
+            row = conn.execute(q.OUTBOX_VACUUM_STATS).fetchone()
+        if row is None:
+            return False
+        dead, since_s, _autovacuum = row
+        if dead < s.vacuum_min_dead or (since_s is not None and since_s < s.vacuum_interval_s):
+            return False
+        try:
+            with psycopg.connect(
+                self.dsn, autocommit=True, application_name=f"relay vacuum {self.instance}"
+            ) as conn:
+                got = conn.execute(q.OUTBOX_VACUUM_TRY_LOCK).fetchone()
+                if not got or not got[0]:
+                    return False
+                try:
+                    conn.execute(q.OUTBOX_VACUUM)
+                finally:
+                    conn.execute(q.OUTBOX_VACUUM_UNLOCK)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self._vacuum_disabled = True
+            log.warning("not vacuuming relay_outbox (%s); leaving it to autovacuum", exc)
+            return False
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"vacuum: {first_line(str(exc))}") from exc
+        log.debug("vacuumed relay_outbox (%d dead tuples)", dead)
+        return True
 
     def count_active(self) -> tuple[int, int]:
         with self._svc() as conn, conn.transaction():

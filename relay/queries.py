@@ -483,3 +483,27 @@ SELECT (SELECT started_at FROM last) AS last_t,
        (SELECT id FROM last) AS last_id,
        (SELECT count(*) FROM gone) AS deleted
 """
+
+# --- vacuum (relay's own fallback) ------------------------------------------------------------
+
+# Dead tuples in the outbox and how long since anything vacuumed it. Every claim and mark
+# leaves a dead tuple, and the claim scans past them in its partial index until a vacuum
+# clears them: with autovacuum off or behind, claim time grows with the backlog's churn.
+# Index: none (statistics view). Locks: none.
+OUTBOX_VACUUM_STATS: Final = """
+SELECT n_dead_tup,
+       extract(epoch FROM now() - greatest(last_vacuum, last_autovacuum))::float8 AS since_s,
+       current_setting('autovacuum')::bool AS autovacuum
+FROM pg_stat_user_tables
+WHERE relid = 'relay_outbox'::regclass
+"""
+
+# One relay at a time vacuums (the others skip): a session-level advisory lock, released after.
+# Locks: advisory lock 'relay_outbox_vacuum' (hashtext), no table lock.
+OUTBOX_VACUUM_TRY_LOCK: Final = "SELECT pg_try_advisory_lock(hashtext('relay_outbox_vacuum'))"
+OUTBOX_VACUUM_UNLOCK: Final = "SELECT pg_advisory_unlock(hashtext('relay_outbox_vacuum'))"
+
+# Plain VACUUM (not FULL): takes SHARE UPDATE EXCLUSIVE, which blocks neither the application's
+# inserts nor the relays' claims; SKIP_LOCKED gives up at once if another vacuum holds it.
+# Needs autocommit (VACUUM cannot run in a transaction) and ownership of the table.
+OUTBOX_VACUUM: Final = "VACUUM (SKIP_LOCKED) relay_outbox"

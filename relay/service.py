@@ -127,6 +127,11 @@ class Service:
             seconds=s.poll_interval_s,
             id="deliver",
             executor="deliver",
+            # A wake-up that lands after a run has finished its loop but before APScheduler has
+            # counted it finished would be skipped with max_instances=1 and wait a whole poll
+            # interval. Two instances on a one-thread executor queue it instead; the
+            # _delivering lock keeps runs one at a time.
+            max_instances=2,
             next_run_time=datetime.now(UTC),
         )
         sch.add_job(
@@ -139,6 +144,13 @@ class Service:
         sch.add_job(
             _guard("release_held", self.relay.release_held), "interval", seconds=5, id="release"
         )
+        if s.vacuum_interval_s > 0:
+            sch.add_job(
+                _guard("vacuum", self.relay.vacuum_if_needed),
+                "interval",
+                seconds=max(1.0, s.vacuum_interval_s / 2),
+                id="vacuum",
+            )
         sch.add_job(
             _guard("metrics", self.relay.refresh_metrics), "interval", seconds=5, id="metrics"
         )
@@ -225,6 +237,7 @@ def drain(relay: Relay, timeout_s: float | None) -> tuple[bool, CycleResult]:
                 if now - last_services >= min(1.0, relay.settings.lease_s / 3):
                     relay.rescue()
                     relay.release_held()
+                    relay.vacuum_if_needed()
                     last_services = now
                 relay.wakeup.clear()
                 result = relay.deliver_once()

@@ -38,6 +38,10 @@ class Settings:
     verify_tls: bool = True
     metrics_port: int | None = None
     retention_days: float | None = None
+    # The relay's own VACUUM of relay_outbox (0 turns it off): at most this often, and only
+    # when at least vacuum_min_dead dead tuples wait and nothing vacuumed for that long.
+    vacuum_interval_s: float = 5.0
+    vacuum_min_dead: int = 5000
     # Customer.io allows 3000 requests per 3 s per workspace; this is the per-destination cap.
     rate_per_s: float = 1000.0
 
@@ -72,6 +76,8 @@ class Settings:
             parts = urlsplit(self.database_url)
             if parts.scheme not in ("postgres", "postgresql"):
                 raise ConfigError("DATABASE_URL must be a URL starting with postgresql://")
+        if self.vacuum_interval_s < 0 or self.vacuum_min_dead < 0:
+            raise ConfigError("RELAY_VACUUM_SECONDS and RELAY_VACUUM_MIN_DEAD must be >= 0")
         if not 1 <= self.concurrency <= 64:
             raise ConfigError("RELAY_CONCURRENCY must be between 1 and 64")
         for name in ("batch_size", "max_attempts"):
@@ -126,6 +132,8 @@ _ENV_OF = {
     "verify_tls": "RELAY_INSECURE_SKIP_TLS_VERIFY",
     "metrics_port": "RELAY_METRICS_PORT",
     "retention_days": "RELAY_RETENTION_DAYS",
+    "vacuum_interval_s": "RELAY_VACUUM_SECONDS",
+    "vacuum_min_dead": "RELAY_VACUUM_MIN_DEAD",
     "rate_per_s": "RELAY_RATE_PER_SECOND",
 }
 

@@ -317,3 +317,37 @@ def test_a_failure_inside_a_long_customer_chain_holds_back_the_rest_of_it(
     assert tracks == list(range(20))
     assert len(cio.requests) == 3  # the failed one, then the two batches of the chain in order
     assert states(dsn).keys() <= {"delivered", "coalesced"}
+
+
+def test_the_relay_vacuums_the_outbox_when_dead_tuples_pile_up(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    write_events(dsn, [funnel_event(f"cus_{i}", 0) for i in range(50)])
+    relay = make_relay(dsn, cio, vacuum_min_dead=20, vacuum_interval_s=0.01)
+    try:
+        run_drain(make_relay(dsn, cio))  # claims and marks leave ~200 dead tuples
+        from tests.relay_helpers import wait_until
+
+        # statistics reach pg_stat_user_tables within about a second
+        assert wait_until(relay.vacuum_if_needed, timeout=15, every=0.2)
+        assert wait_until(
+            lambda: (
+                query(
+                    dsn,
+                    "SELECT last_vacuum IS NOT NULL FROM pg_stat_user_tables"
+                    " WHERE relname = 'relay_outbox'",
+                )
+                == [(True,)]
+            ),
+            timeout=15,
+        )
+    finally:
+        relay.close()
+
+
+def test_vacuum_is_skipped_below_the_threshold(dsn: str, cio: FakeCustomerIO) -> None:
+    relay = make_relay(dsn, cio, vacuum_min_dead=10**9)
+    try:
+        assert relay.vacuum_if_needed() is False
+    finally:
+        relay.close()
