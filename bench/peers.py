@@ -264,7 +264,9 @@ def procrastinate_drain(dsn: str, customers: int, timeout_s: float) -> dict[str,
 
     @app.task(name=PROCRASTINATE_TASK)
     def deliver_message(body: dict[str, Any]) -> None:  # pragma: no cover - worker runs it
-        raise NotImplementedError
+        # Registered here only so jobs can be deferred under this name; the worker process
+        # (bench.peers_worker) registers the same task with the body that POSTs the message.
+        raise RuntimeError("this process only defers jobs; bench.peers_worker runs them")
 
     def write(conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> None:
         # connection=: procrastinate runs its INSERT on the application's connection, so the
