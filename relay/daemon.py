@@ -229,7 +229,7 @@ class Relay:
                 self.refresh_destinations(svc)
                 return
         with conn.transaction():
-            rows = conn.execute(q.DESTINATION_LIST).fetchall()
+            rows = conn.execute(q.DESTINATION_LIST_WITH_KEY).fetchall()
         self.router.refresh(rows)
         self._destinations_at = time.monotonic()
         self.metrics.paused.set(len(self.router.paused))

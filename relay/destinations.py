@@ -62,8 +62,10 @@ class Router:
         self._lock = threading.Lock()
 
     def refresh(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Rows of DESTINATION_LIST_WITH_KEY: project_id, region, api_url, enabled, paused_at,
+        paused_reason, updated_at, write_key."""
         table = {
-            r[0]: DestinationRow(r[0], r[1], r[2], r[3], bool(r[4]), r[6] if r[5] else None)
+            r[0]: DestinationRow(r[0], r[1], r[2], r[7], bool(r[3]), r[5] if r[4] else None)
             for r in rows
         }
         with self._lock:

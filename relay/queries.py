@@ -225,12 +225,8 @@ GROUP BY state
 
 # --- destinations -----------------------------------------------------------------------------
 
-# All configured destinations (small table, read every few seconds). Index: seq scan. Locks: none.
-DESTINATION_LIST: Final = """
-SELECT project_id, region, api_url, write_key, enabled, paused_at, paused_reason
-FROM relay_destination
-ORDER BY project_id
-"""
+# The relays read the destinations (small table, every few seconds) with
+# DESTINATION_LIST_WITH_KEY, in the operators' section below.
 
 # A relay got 401/403 for this destination: stop sending until the key changes.
 # Index: primary key. Locks: row lock on the destination.
@@ -264,7 +260,8 @@ FROM relay_destination
 ORDER BY project_id
 """
 
-# The same with the key, which the CLI only ever prints masked. Index: seq scan. Locks: none.
+# The same with the key: what the relays route with, and what the CLI prints masked.
+# Index: seq scan (small table). Locks: none.
 DESTINATION_LIST_WITH_KEY: Final = """
 SELECT project_id, region, api_url, enabled, paused_at, paused_reason, updated_at, write_key
 FROM relay_destination

@@ -81,7 +81,10 @@ def test_healthz_is_503_when_a_destination_is_paused_and_never_shows_its_key(
     relay, server = serve(dsn)
     paused_key = "wk_paused_abcdefghijklmnop"
     relay.router.refresh(
-        [("prj_1", "us", None, paused_key, True, datetime.now(UTC), "401 Unauthorized")]
+        [
+            # DESTINATION_LIST_WITH_KEY's columns
+            ("prj_1", "us", None, True, datetime.now(UTC), "401 Unauthorized", None, paused_key)
+        ]
     )
 
     status, _, body = get(server, "/healthz")

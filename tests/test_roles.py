@@ -241,7 +241,7 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
                 "owner": "w1",
             },
         )
-        conn.execute(q.DESTINATION_LIST).fetchall()
+        conn.execute(q.DESTINATION_LIST_WITH_KEY).fetchall()
         conn.execute(
             q.DESTINATION_PAUSE, {"project_id": "prj_1", "write_key": KEY, "reason": "401"}
         )
