@@ -60,8 +60,9 @@ def throughput_bars(results: dict[str, dict[str, Any]]) -> list[tuple[str, float
             bars.append((f"drain: {v['label']} ({rows:,} rows)", v["messages_per_s"], "drain"))
     peers = results.get("peers")
     if peers:
-        for t in peers["throughput"].values():
-            bars.append((f"peers: {t['system']}", t["messages_per_s"], "peers"))
+        for t in peers["throughput"]:
+            label = f"peers: {t['system']}, {t['latency_ms']:g} ms"
+            bars.append((label, t["messages_per_s"], "peers"))
     big = results.get("bigtable")
     if big:
         d = big["drain"]
