@@ -3,9 +3,10 @@
 Runs, in order, each against the same PostgreSQL (the machine's at 127.0.0.1:5432 when it
 answers, else an embedded one) and the same local strict-mode Customer.io stand-in:
 ``bench.record_event``, ``bench.drain``, ``bench.latency``, ``bench.bigtable``,
-``bench.peers`` (needs the ``bench`` extra), then ``bench.chart``. Each prints its own table
-and the command that reproduces it, and writes ``bench/results/<name>.json``; this runner
-stops at the first that fails and says which.
+``bench.peers`` (needs the ``bench`` extra), then ``bench.chart`` and ``bench.summary`` (every
+figure against its target in one table, ``bench/results/summary.json``). Each prints its own
+table and the command that reproduces it, and writes ``bench/results/<name>.json``; this
+runner stops at the first that fails and says which.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.{step} failed with exit status {code}", file=sys.stderr)
             return code
     code = subprocess.call([sys.executable, "-m", "bench.chart"])
+    print("\n=== -m bench.summary", flush=True)
+    code = subprocess.call([sys.executable, "-m", "bench.summary"]) or code
     print("\n" + "\n".join(f"{name:<14} {seconds:7.1f} s" for name, seconds in timings))
     print("reproduce: python -m bench" + (" --quick" if args.quick else ""))
     return code

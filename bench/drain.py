@@ -119,6 +119,7 @@ class Outcome:
     peak_rss_kb: list[int] = field(default_factory=list)
     relay_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
+    postgres_cpu_s: float | None = None
     machine_busy: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -347,6 +348,35 @@ def machine_cpu() -> tuple[int, int]:
     return total - idle, total
 
 
+def postgres_cpu_s() -> float | None:
+    """CPU seconds used so far by every local ``postgres`` process, exited backends included.
+
+    A backend's own time is in its /proc/PID/stat (utime, stime); once it exits and the
+    postmaster reaps it, its time moves to the postmaster's cutime and cstime, which are read
+    too. None when no postgres process is visible (a server on another host or in another
+    container): the figure then cannot be measured from here.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    seen = False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                raw = f.read()
+        except OSError:  # exited while listing
+            continue
+        comm_end = raw.rfind(")")
+        if raw[raw.find("(") + 1 : comm_end] != "postgres":
+            continue
+        fields = raw[comm_end + 2 :].split()
+        # fields[11:15] are utime, stime, cutime, cstime (stat fields 14-17).
+        total += sum(int(x) for x in fields[11:15])
+        seen = True
+    return total / tick if seen else None
+
+
 # --------------------------------------------------------------------------- the ceiling
 
 
@@ -511,6 +541,7 @@ def _database_outcome(dsn: str) -> tuple[Counter[str], float | None, int]:
 
 def run_variant(v: Variant, dsn: str, rows: int, timeout_s: float) -> Outcome:
     busy0, total0 = machine_cpu()
+    pg0 = postgres_cpu_s()
     server: FakeServer | None = None
     reports: list[dict[str, Any]] = []
     stats: dict[str, Any] = {}
@@ -528,6 +559,7 @@ def run_variant(v: Variant, dsn: str, rows: int, timeout_s: float) -> Outcome:
         if server is not None:
             server.stop()
     busy1, total1 = machine_cpu()
+    pg1 = postgres_cpu_s()
     states, last_finish, attempts = _database_outcome(dsn)
     delivered, coalesced = states["delivered"], states["coalesced"]
     finished = delivered + coalesced
@@ -566,6 +598,7 @@ def run_variant(v: Variant, dsn: str, rows: int, timeout_s: float) -> Outcome:
         peak_rss_kb=[int(r["peak_rss_kb"]) for r in reports],
         relay_cpu_s=sum(r["cpu_user_s"] + r["cpu_system_s"] for r in reports),
         server_cpu_s=server.cpu_s if server else 0.0,
+        postgres_cpu_s=pg1 - pg0 if pg0 is not None and pg1 is not None else None,
         machine_busy=(busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0,
         problems=problems,
     )
@@ -830,6 +863,11 @@ def _payload(
                     else None
                 ),
                 "server_cpu_s": o.server_cpu_s if v.mode != "sql" else None,
+                "postgres_cpu_ms_per_1000_rows": (
+                    1000 * o.postgres_cpu_s / (o.finished / 1000)
+                    if o.postgres_cpu_s is not None and o.finished
+                    else None
+                ),
                 "machine_cpu_busy_pct": 100 * o.machine_busy,
                 "problems": [p for x in runs[v.key] for p in x.problems],
             }
@@ -879,6 +917,7 @@ def render(payload: dict[str, Any]) -> str:
         "coalesced",
         "peak RSS MB/relay",
         "relay CPU ms/1k rows",
+        "PostgreSQL CPU ms/1k rows",
         "fake server CPU s",
         "machine CPU busy",
     ]
@@ -906,6 +945,7 @@ def render(payload: dict[str, Any]) -> str:
                 r["coalesced"],
                 r["peak_rss_mb_per_relay"],
                 r["relay_cpu_ms_per_1000_rows"],
+                r.get("postgres_cpu_ms_per_1000_rows"),
                 r["server_cpu_s"],
                 f"{r['machine_cpu_busy_pct']:.0f}%",
             ]

@@ -2,23 +2,31 @@
 
 ``python -m bench.peers [--quick] [--customers N] [--dsn URL|embedded]``
 
-Workload: ``--customers`` customers (1,000; 200 with ``--quick``), each with the 10-event
+Workload: ``--customers`` customers (10,000; 200 with ``--quick``), each with the 10-event
 funnel of ``bench.common.FUNNEL_STEPS``; every event is an identify and a track, the bodies
 ``relay.mapping.map_event`` produces, so every system sends the same data. Each system runs
-against its own ``python -m relay.fakecio`` process answering at once.
+against its own ``python -m relay.fakecio`` process, once answering at once and once after
+50 ms per request (``--latency-ms``), the order of magnitude of a request to Customer.io from
+another network.
 
-1. **Official SDK inline** (``customerio-cdp-analytics``): the application calls
-   ``identify``/``track`` per event, then ``flush()``. Throughput is from the first call to
-   the end of ``flush()``, with the server holding every message. Loss: (a) the application
-   is SIGKILLed mid-stream, and (b) the API is down (a stopped server: connection refused)
-   for longer than the SDK retries (``max_retries`` lowered to ``--sdk-max-retries`` so the
-   scenario ends in seconds; the SDK's default of 10 only makes it give up later).
+1. **Official SDK inline** (``customerio-cdp-analytics``), both ways it can be called: its
+   default, where ``identify``/``track`` put the message on an in-memory queue that a
+   background thread sends in batches, and ``sync_mode``, where each call POSTs its message
+   before it returns. Throughput is from the first call to the end of ``flush()``. Loss: (a)
+   the application is SIGKILLed mid-stream, and (b) the API is down (a stopped server:
+   connection refused) for longer than the SDK retries (``max_retries`` lowered to
+   ``--sdk-max-retries`` so the scenario ends in seconds; the SDK's default of 10 only makes
+   it give up later); in ``sync_mode`` each call raises instead.
 2. **procrastinate** and 3. **pgqueuer** as the outbox: one job per message, deferred in the
    application's transaction, drained by the library's worker with one strict-mode POST per
    message. Drain rate from a pre-written backlog.
 4. **The relay**: ``bench.drain``'s single-relay drain (``Relay`` + ``drain``) of the same
    backlog, and the same two loss scenarios for the outbox: the relay is SIGKILLed mid-drain
    or the API is down; then ``relay run --drain`` against a healthy server. Lost must be 0.
+
+A peer that has not finished after ``--box-s`` seconds (60; 15 with ``--quick``) is stopped and
+its rate read from what the server had accepted by then: at one request per message and 50 ms
+each, the whole workload would take hours.
 
 Loss scenarios use ``--loss-customers`` customers (20) and a 50 ms server latency, so the kill
 lands while messages are still in flight.
@@ -545,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="200 customers, 15 s box")
-    parser.add_argument("--customers", type=int, help="customers in the workload (1,000)")
+    parser.add_argument("--customers", type=int, help="customers in the workload (10,000)")
     parser.add_argument(
         "--latency-ms",
         default="0,50",
@@ -562,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="per drain, seconds")
     add_database_option(parser)
     args = parser.parse_args(argv)
-    customers = args.customers or (200 if args.quick else 1_000)
+    customers = args.customers or (200 if args.quick else 10_000)
     box_s = args.box_s or (15.0 if args.quick else 60.0)
     latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
     command = reproduce_command("bench.peers")
