@@ -33,7 +33,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -104,6 +104,8 @@ class Relay:
     ``deliver_once`` runs on one thread at a time (the scheduler's delivery executor has one
     worker, and drain mode runs on the caller's thread); the background services run on
     another thread with their own connection, since a psycopg connection serialises its users.
+    Connections: one for claiming, one for the services, and one per sending thread (up to
+    ``concurrency``) for the outcomes of the batches that thread sends.
     """
 
     def __init__(
@@ -158,9 +160,13 @@ class Relay:
         self._work_conn: Conn | None = None
         self._svc_conn: Conn | None = None
         self._svc_lock = threading.Lock()
-        # Guards the delivery connection while chains are sent concurrently (see _tx).
+        # Guards the delivery connection when chains share it, and the router's refresh.
         self._db_lock = threading.RLock()
         self._pool: ThreadPoolExecutor | None = None
+        # Each sending thread's own connection (see _send_conn), and all of them for close().
+        self._local = threading.local()
+        self._send_conns: list[Conn] = []
+        self._send_conns_lock = threading.Lock()
         self._vacuum_disabled = settings.vacuum_interval_s <= 0
         self._destinations_at = 0.0
 
@@ -211,14 +217,40 @@ class Relay:
                     f"database connection lost: {first_line(str(exc))}"
                 ) from exc
 
+    @contextmanager
+    def _send_conn(self) -> Iterator[Conn]:
+        """This sending thread's own connection, for the outcomes of the chains it sends.
+
+        With one shared connection the threads' outcome writes ran one at a time (a psycopg
+        connection runs one transaction at a time), and with a fast server they spent most of
+        their time waiting for it. Dropped on a database error, like the delivery connection;
+        the chain's rows stay leased to this relay and are rescued when the lease expires.
+        """
+        conn: Conn | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._connect("send")
+            self._local.conn = conn
+            with self._send_conns_lock:
+                self._send_conns = [c for c in self._send_conns if not c.closed] + [conn]
+        try:
+            yield conn
+        except psycopg.OperationalError as exc:
+            conn.close()
+            self._local.conn = None
+            raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
+
     def close(self) -> None:
-        for conn in (self._work_conn, self._svc_conn):
-            if conn is not None and not conn.closed:
-                conn.close()
-        self._work_conn = self._svc_conn = None
+        # The pool first: a sending thread may still be using its connection.
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        with self._send_conns_lock:
+            conns = [self._work_conn, self._svc_conn, *self._send_conns]
+            self._send_conns = []
+        for conn in conns:
+            if conn is not None and not conn.closed:
+                conn.close()
+        self._work_conn = self._svc_conn = None
         self.router.close()
 
     # --- destinations ------------------------------------------------------------------------
@@ -450,12 +482,18 @@ class Relay:
                     self.settings.concurrency, thread_name_prefix="relay-send"
                 )
             futures = [
-                self._pool.submit(self._send_chain, conn, unit.route, p, paused, claimed_at)
+                self._pool.submit(self._send_chain_own_conn, unit.route, p, paused, claimed_at)
                 for p in plans
             ]
             parts = [f.result() for f in futures]
         for part in parts:
             result.add(part)
+
+    def _send_chain_own_conn(
+        self, route: Route, batches: list[list[Item]], paused: threading.Event, claimed_at: float
+    ) -> CycleResult:
+        with self._send_conn() as conn:
+            return self._send_chain(conn, route, batches, paused, claimed_at)
 
     def _send_chain(
         self,
@@ -501,12 +539,13 @@ class Relay:
 
     @contextmanager
     def _tx(self, conn: Conn) -> Iterator[None]:
-        """A transaction on the delivery connection, one sending thread at a time.
+        """A transaction for a chain's records.
 
-        Chains are sent concurrently but share the cycle's connection: a psycopg connection
-        serialises statements, not transactions, so the lock keeps each record atomic.
+        Concurrent chains each write on their sending thread's own connection; only the
+        delivery connection can be reached from more than one thread, and there the lock keeps
+        each record atomic (a psycopg connection serialises statements, not transactions).
         """
-        with self._db_lock, conn.transaction():
+        with self._db_lock if conn is self._work_conn else nullcontext(), conn.transaction():
             yield
 
     def _send(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 
 from relay.daemon import Relay
+from relay.errors import DatabaseUnavailable
 from relay.fakecio import FakeCustomerIO
 from relay.service import drain
 from tests.relay_helpers import (
@@ -18,6 +20,7 @@ from tests.relay_helpers import (
     make_relay,
     query,
     states,
+    wait_until,
     write_events,
 )
 
@@ -349,5 +352,99 @@ def test_vacuum_is_skipped_below_the_threshold(dsn: str, cio: FakeCustomerIO) ->
     relay = make_relay(dsn, cio, vacuum_min_dead=10**9)
     try:
         assert relay.vacuum_if_needed() is False
+    finally:
+        relay.close()
+
+
+# --- concurrent chains ----------------------------------------------------------------------
+
+
+def _send_backends(dsn: str) -> set[int]:
+    rows = query(
+        dsn,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'relay send test-relay' "
+        "AND datname = current_database()",
+    )
+    return {int(r[0]) for r in rows}
+
+
+def _deliver_in_background(relay: Relay) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            relay.deliver_once()
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def _four_long_customers(dsn: str) -> None:
+    # With batch_size 4, a claim takes 4 rows of each of 4 customers, and no two of these
+    # customers fit one batch: 4 chains that share no customer, sent 4 at a time.
+    write_events(dsn, [funnel_event(f"cust_{c}", n) for n in range(4) for c in range(4)])
+
+
+def test_chains_are_sent_at_once_each_recording_on_its_own_connection(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    _four_long_customers(dsn)
+    cio.latency_s = 0.5
+    relay = make_relay(dsn, cio, batch_size=4, concurrency=4)
+    try:
+        thread, errors = _deliver_in_background(relay)
+        # While the requests wait on the server, every sending thread has its own session.
+        assert wait_until(lambda: len(_send_backends(dsn)) == 4, timeout=5.0)
+        thread.join(10)
+        assert not errors, errors
+        assert len(cio.requests) == 4
+        cio.latency_s = 0.0
+        run_drain(relay)
+        done = states(dsn)
+        assert set(done) == {"delivered", "coalesced"} and sum(done.values()) == 32
+        received = [item["messageId"] for item in cio.accepted_items()]
+        assert len(received) == len(set(received)) == done["delivered"]
+    finally:
+        relay.close()
+    # close() closes the sending threads' connections too.
+    assert wait_until(lambda: not _send_backends(dsn), timeout=5.0)
+
+
+def test_a_sending_thread_that_loses_its_connection_is_an_outage_then_recovers(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    _four_long_customers(dsn)
+    cio.latency_s = 0.5
+    relay = make_relay(dsn, cio, batch_size=4, concurrency=4, lease_s=3.0)
+    try:
+        thread, errors = _deliver_in_background(relay)
+        assert wait_until(lambda: len(_send_backends(dsn)) == 4, timeout=5.0)
+        victims = _send_backends(dsn)
+        # Cut the sending threads' sessions while their requests are on the wire: the server
+        # takes the messages, the threads cannot record it.
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            for pid in victims:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        thread.join(10)
+        assert len(errors) == 1 and isinstance(errors[0], DatabaseUnavailable), errors
+        # Nothing was lost: the sent but unrecorded rows are still leased to this relay.
+        in_flight = states(dsn)["in_flight"]
+        assert in_flight > 0
+        sent_before = len(cio.accepted_items())
+        assert sent_before == in_flight
+        # After the lease they are rescued and sent again, on fresh connections, under the
+        # same messageIds (at least once).
+        cio.latency_s = 0.0
+        assert wait_until(lambda: relay.rescue() > 0, timeout=10.0)
+        run_drain(relay)
+        done = states(dsn)
+        assert set(done) == {"delivered", "coalesced"} and sum(done.values()) == 32
+        assert not victims & _send_backends(dsn)
+        received = [item["messageId"] for item in cio.accepted_items()]
+        assert len(set(received)) == done["delivered"]
+        assert len(received) == done["delivered"] + in_flight
     finally:
         relay.close()
