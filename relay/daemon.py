@@ -54,6 +54,9 @@ from relay.settings import Settings
 
 log = logging.getLogger("relay")
 
+SEND_CONN_CHECK_AFTER_S = 5.0
+"""A sending thread's connection idle longer than this is checked before use (see _send_conn)."""
+
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
@@ -201,6 +204,9 @@ class Relay:
         except psycopg.OperationalError as exc:
             self._work_conn.close()
             self._work_conn = None
+            # Whatever ended this session (most often a server restart) ended the sending
+            # threads' too; they are idle now (a cycle waits for its chains) and reconnect.
+            self._close_send_conns()
             raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
 
     @contextmanager
@@ -225,8 +231,18 @@ class Relay:
         connection runs one transaction at a time), and with a fast server they spent most of
         their time waiting for it. Dropped on a database error, like the delivery connection;
         the chain's rows stay leased to this relay and are rescued when the lease expires.
+        A connection idle for more than ``SEND_CONN_CHECK_AFTER_S`` is checked first, so a
+        session the server ended meanwhile is replaced before the request, not found dead
+        after it.
         """
         conn: Conn | None = getattr(self._local, "conn", None)
+        idle_s = time.monotonic() - getattr(self._local, "used_at", 0.0)
+        if conn is not None and not conn.closed and idle_s > SEND_CONN_CHECK_AFTER_S:
+            try:
+                with conn.transaction():
+                    conn.execute(q.SESSION_CHECK)
+            except psycopg.OperationalError:
+                conn.close()
         if conn is None or conn.closed:
             conn = self._connect("send")
             self._local.conn = conn
@@ -238,16 +254,23 @@ class Relay:
             conn.close()
             self._local.conn = None
             raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
+        finally:
+            self._local.used_at = time.monotonic()
+
+    def _close_send_conns(self) -> None:
+        with self._send_conns_lock:
+            conns, self._send_conns = self._send_conns, []
+        for conn in conns:
+            if not conn.closed:
+                conn.close()
 
     def close(self) -> None:
         # The pool first: a sending thread may still be using its connection.
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        with self._send_conns_lock:
-            conns = [self._work_conn, self._svc_conn, *self._send_conns]
-            self._send_conns = []
-        for conn in conns:
+        self._close_send_conns()
+        for conn in (self._work_conn, self._svc_conn):
             if conn is not None and not conn.closed:
                 conn.close()
         self._work_conn = self._svc_conn = None

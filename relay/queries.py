@@ -44,6 +44,12 @@ RETURNING message_id
 # application's own writes stay fully durable; this is set on the relay's connections only.
 SESSION_ASYNC_COMMIT: Final = "SET synchronous_commit = off"
 
+# Is this session still there? A sending thread asks before it sends on a connection that sat
+# idle: otherwise it would learn that the server ended the session (a restart,
+# idle_session_timeout, an operator) only after the request, when the outcome cannot be
+# recorded and the batch is sent again after its lease. Index: none. Locks: none.
+SESSION_CHECK: Final = "SELECT 1"
+
 # Lock the first due row of up to %(customers)s customers whose earlier messages are all
 # finished. A row with an earlier unfinished row of the same customer (pending, in flight
 # elsewhere, waiting for a retry, held) is not a head, so no relay can send a customer's later

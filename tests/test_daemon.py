@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from relay import daemon
 from relay.daemon import Relay
 from relay.errors import DatabaseUnavailable
 from relay.fakecio import FakeCustomerIO
@@ -359,13 +360,19 @@ def test_vacuum_is_skipped_below_the_threshold(dsn: str, cio: FakeCustomerIO) ->
 # --- concurrent chains ----------------------------------------------------------------------
 
 
-def _send_backends(dsn: str) -> set[int]:
+def _relay_backends(dsn: str, purpose: str = "%") -> set[int]:
+    """The relay's sessions (application_name "relay <purpose> test-relay")."""
     rows = query(
         dsn,
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'relay send test-relay' "
+        "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s "
         "AND datname = current_database()",
+        (f"relay {purpose} test-relay",),
     )
     return {int(r[0]) for r in rows}
+
+
+def _send_backends(dsn: str) -> set[int]:
+    return _relay_backends(dsn, "send")
 
 
 def _deliver_in_background(relay: Relay) -> tuple[threading.Thread, list[BaseException]]:
@@ -446,5 +453,62 @@ def test_a_sending_thread_that_loses_its_connection_is_an_outage_then_recovers(
         received = [item["messageId"] for item in cio.accepted_items()]
         assert len(set(received)) == done["delivered"]
         assert len(received) == done["delivered"] + in_flight
+    finally:
+        relay.close()
+
+
+def _terminate(dsn: str, pids: set[int]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert wait_until(lambda: not pids & _relay_backends(dsn), timeout=5.0)
+
+
+def _assert_all_delivered_once(dsn: str, cio: FakeCustomerIO) -> None:
+    done = states(dsn)
+    assert set(done) == {"delivered", "coalesced"} and sum(done.values()) == 32
+    received = [item["messageId"] for item in cio.accepted_items()]
+    assert len(received) == len(set(received)) == done["delivered"]
+
+
+def test_an_idle_sending_connection_the_server_ended_is_replaced_before_sending(
+    dsn: str, cio: FakeCustomerIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Check every idle connection, not only those idle for seconds: the test need not wait.
+    monkeypatch.setattr(daemon, "SEND_CONN_CHECK_AFTER_S", 0.0)
+    _four_long_customers(dsn)
+    relay = make_relay(dsn, cio, batch_size=4, concurrency=4)
+    try:
+        relay.deliver_once()
+        senders = _send_backends(dsn)
+        assert len(senders) == 4
+        # idle_session_timeout, an operator or a failover ends the idle sessions.
+        _terminate(dsn, senders)
+        relay.deliver_once()  # no DatabaseUnavailable: replaced before the requests
+        assert len(_send_backends(dsn)) == 4 and not senders & _send_backends(dsn)
+        run_drain(relay)
+        _assert_all_delivered_once(dsn, cio)
+    finally:
+        relay.close()
+
+
+def test_losing_the_delivery_connection_also_replaces_the_sending_threads_connections(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    _four_long_customers(dsn)
+    relay = make_relay(dsn, cio, batch_size=4, concurrency=4)
+    try:
+        relay.deliver_once()
+        before = _relay_backends(dsn)
+        # A server restart ends every session at once; the next cycle finds out at its claim.
+        _terminate(dsn, before)
+        with pytest.raises(DatabaseUnavailable):
+            relay.deliver_once()
+        # The sending threads' sessions, used a moment ago, are not trusted either: without
+        # this the next chains would be sent and then fail to record, and be sent again.
+        relay.deliver_once()
+        run_drain(relay)
+        _assert_all_delivered_once(dsn, cio)
+        assert not before & _relay_backends(dsn)
     finally:
         relay.close()
