@@ -51,6 +51,7 @@ from bench.common import (
     code_fingerprint,
     describe_environment,
     environment,
+    footer,
     funnel_event,
     reproduce_command,
     table,
@@ -495,9 +496,7 @@ def render(p: dict[str, Any]) -> str:
     ]
     pu = p["purge"]
     out.append(f"relay purge exit {pu['exit_code']}: {' / '.join(pu['output'])}")
-    if p.get("relay_code_changed"):
-        out.append(p["relay_code_changed"])
-    out.append(f"\nreproduce: {p['command']}")
+    out += footer(p, shared_machine_note=False)
     return "\n".join(out)
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -361,6 +362,43 @@ def environment(db: BenchDatabase) -> dict[str, Any]:
         "git_commit": commit + ("-dirty" if dirty else ""),
         "relay_code": code_fingerprint(),
     }
+
+
+SHARED_MACHINE_NOTE = (
+    "Figures are from one run on a shared machine: compare rows with each other, not with "
+    "another run."
+)
+
+
+def footer(payload: dict[str, Any], *, shared_machine_note: bool = True) -> list[str]:
+    """The last lines of a benchmark's printed output: the shared-machine reminder, the
+    warning when the relay's source changed during the run, and the command that reproduces
+    it."""
+    lines = [SHARED_MACHINE_NOTE] if shared_machine_note else []
+    if payload.get("relay_code_changed"):
+        lines.append(payload["relay_code_changed"])
+    lines.append(f"\nreproduce: {payload['command']}")
+    return lines
+
+
+def spawn_listening(
+    args: Sequence[str], what: str, *, stdin: bool = False
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a local server process that prints ``listening on URL`` first; (process, URL)."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    found = re.search(r"listening on (\S+)", line)
+    if not found:
+        proc.kill()
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return proc, found.group(1)
 
 
 def code_fingerprint() -> str:

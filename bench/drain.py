@@ -74,8 +74,10 @@ from bench.common import (
     code_fingerprint,
     describe_environment,
     environment,
+    footer,
     funnel_event,
     reproduce_command,
+    spawn_listening,
     table,
     write_results,
 )
@@ -202,9 +204,8 @@ class FakeServer:
     """``python -m relay.fakecio`` in its own process, for one variant."""
 
     def __init__(self, latency_ms: float) -> None:
-        self.proc = subprocess.Popen(
+        self.proc, self.url = spawn_listening(
             [
-                sys.executable,
                 "-m",
                 "relay.fakecio",
                 "--port",
@@ -214,17 +215,8 @@ class FakeServer:
                 "--latency-ms",
                 str(latency_ms),
             ],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
+            "relay.fakecio",
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        found = re.search(r"listening on (\S+)", line)
-        if not found:
-            self.proc.kill()
-            raise RuntimeError(f"relay.fakecio did not start: {line!r}")
-        self.url = found.group(1)
         self.cpu_s = 0.0
 
     def stats(self) -> dict[str, Any]:
@@ -999,13 +991,7 @@ def render(payload: dict[str, Any]) -> str:
                     [[t["line"], f"{t['pct']:.1f}%"] for t in p["innermost_relay_lines"]],
                 ),
             ]
-    out.append(
-        "\nFigures are from one run on a shared machine: compare rows with each other, not "
-        "with another run."
-    )
-    if payload.get("relay_code_changed"):
-        out.append(payload["relay_code_changed"])
-    out.append(f"\nreproduce: {payload['command']}")
+    out += ["", *footer(payload)]
     return "\n".join(out)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -50,10 +49,12 @@ from bench.common import (
     code_fingerprint,
     describe_environment,
     environment,
+    footer,
     funnel_event,
     median,
     percentile,
     reproduce_command,
+    spawn_listening,
     table,
     write_results,
 )
@@ -98,20 +99,9 @@ def serve_fake() -> int:
 
 class FakeProcess:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.latency", "--serve-fake"],
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        self.proc, self.url = spawn_listening(
+            ["-m", "bench.latency", "--serve-fake"], "the fake server", stdin=True
         )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        found = re.search(r"listening on (\S+)", line)
-        if not found:
-            self.proc.kill()
-            raise RuntimeError(f"the fake server did not start: {line!r}")
-        self.url = found.group(1)
 
     def _ask(self, what: str) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -510,9 +500,7 @@ def render(p: dict[str, Any]) -> str:
         f"Relay poll interval {p['parameters']['poll_interval_s']:g} s: only NOTIFY wakes it "
         "sooner. Latency = received (server) - end of COMMIT (writer), both CLOCK_MONOTONIC."
     )
-    if p.get("relay_code_changed"):
-        out.append(p["relay_code_changed"])
-    out.append(f"\nreproduce: {p['command']}")
+    out += footer(p, shared_machine_note=False)
     return "\n".join(out)
 
 

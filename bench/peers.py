@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Sequence
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import procrastinate
@@ -62,6 +62,7 @@ from bench.common import (
     code_fingerprint,
     describe_environment,
     environment,
+    footer,
     funnel_event,
     reproduce_command,
     table,
@@ -288,23 +289,20 @@ def sdk_throughput(
     return _throughput_row(system, latency_ms, customers * 10, start, end, stats, boxed)
 
 
-class JobQueue:
+class JobQueue(Protocol):
     """procrastinate or pgqueuer used as the outbox: its schema, and the application's write
     of one job per message inside the application's own transaction."""
 
     name: str
 
-    def install(self, dsn: str) -> None:
-        raise NotImplementedError
+    def install(self, dsn: str) -> None: ...
 
-    def reset(self, conn: psycopg.Connection[Any]) -> None:
-        raise NotImplementedError
+    def reset(self, conn: psycopg.Connection[Any]) -> None: ...
 
-    def write(self, conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> None:
-        raise NotImplementedError
+    def write(self, conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> None: ...
 
 
-class Procrastinate(JobQueue):
+class Procrastinate:
     name = "procrastinate"
 
     def __init__(self, dsn: str) -> None:
@@ -335,7 +333,7 @@ class Procrastinate(JobQueue):
                 deferrer.defer(body=dict(m.body))
 
 
-class PgQueuer(JobQueue):
+class PgQueuer:
     name = "pgqueuer"
 
     def install(self, dsn: str) -> None:
@@ -751,13 +749,7 @@ def render(payload: dict[str, Any]) -> str:
     )
     problems = [(r["system"], x) for r in payload["throughput"] for x in r["problems"]]
     out.extend(f"PROBLEM in {k}: {x}" for k, x in problems)
-    out.append(
-        "\nFigures are from one run on a shared machine: compare rows with each other, not "
-        "with another run."
-    )
-    if payload.get("relay_code_changed"):
-        out.append(payload["relay_code_changed"])
-    out.append(f"\nreproduce: {payload['command']}")
+    out += ["", *footer(payload)]
     return "\n".join(out)
 
 

@@ -39,6 +39,7 @@ from bench.common import (
     code_fingerprint,
     describe_environment,
     environment,
+    footer,
     median,
     order_event,
     percentile,
@@ -331,13 +332,7 @@ def render(payload: dict[str, Any]) -> str:
             f"{a['commit_median_ms']:.2f} ms), the same added time would give b/a ~ "
             f"{projected:.2f}."
         )
-    out.append(
-        "Figures are from one run on a shared machine: compare rows with each other, not "
-        "with another run."
-    )
-    if payload.get("relay_code_changed"):
-        out.append(payload["relay_code_changed"])
-    out.append(f"\nreproduce: {payload['command']}")
+    out += footer(payload)
     return "\n".join(out)
 
 

@@ -33,7 +33,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -163,7 +163,9 @@ class Relay:
         self._work_conn: Conn | None = None
         self._svc_conn: Conn | None = None
         self._svc_lock = threading.Lock()
-        # Guards the delivery connection when chains share it, and the router's refresh.
+        # Sending threads that pause a destination refresh the router one at a time. Each
+        # connection is used by one thread only (the delivery connection by the delivery
+        # thread, each sending thread's by that thread), so transactions need no lock.
         self._db_lock = threading.RLock()
         self._pool: ThreadPoolExecutor | None = None
         # Each sending thread's own connection (see _send_conn), and all of them for close().
@@ -542,7 +544,7 @@ class Relay:
                 continue
             if time.monotonic() - lease_renewed > self.settings.lease_s / 3:
                 rest = [i.row_id for b in batches[n:] for i in b]
-                with self._tx(conn):
+                with conn.transaction():
                     conn.execute(
                         q.OUTBOX_EXTEND_LEASE,
                         {"ids": rest, "owner": self.instance, "lease_s": self.settings.lease_s},
@@ -551,7 +553,7 @@ class Relay:
             if self._send(conn, route, ready, blocked, result) == Outcome.UNAUTHORIZED:
                 paused.set()
         if leftovers:
-            with self._tx(conn):
+            with conn.transaction():
                 conn.execute(
                     q.OUTBOX_RELEASE, {"ids": leftovers, "owner": self.instance, "delay_s": 0.0}
                 )
@@ -559,17 +561,6 @@ class Relay:
             if paused.is_set():
                 self._hold_paused(conn, route, leftovers)
         return result
-
-    @contextmanager
-    def _tx(self, conn: Conn) -> Iterator[None]:
-        """A transaction for a chain's records.
-
-        Concurrent chains each write on their sending thread's own connection; only the
-        delivery connection can be reached from more than one thread, and there the lock keeps
-        each record atomic (a psycopg connection serialises statements, not transactions).
-        """
-        with self._db_lock if conn is self._work_conn else nullcontext(), conn.transaction():
-            yield
 
     def _send(
         self,
@@ -659,7 +650,7 @@ class Relay:
             part = [items[j] for j in half if items[j].customer_key not in blocked]
             skipped = [items[j].row_id for j in half if items[j].customer_key in blocked]
             if skipped:
-                with self._tx(conn):
+                with conn.transaction():
                     conn.execute(
                         q.OUTBOX_RELEASE,
                         {"ids": skipped, "owner": self.instance, "delay_s": 0.0},
@@ -692,7 +683,7 @@ class Relay:
         rows: Sequence[tuple[int, str, int, float, str | None]],
     ) -> None:
         """One transaction: the attempt row and every message's new state."""
-        with self._tx(conn):
+        with conn.transaction():
             conn.execute(
                 q.ATTEMPT_INSERT,
                 {
@@ -739,7 +730,7 @@ class Relay:
         if route.pause_key == DEFAULT:
             self.router.pause_default(reason)
         else:
-            with self._tx(conn):
+            with conn.transaction():
                 conn.execute(
                     q.DESTINATION_PAUSE,
                     {"project_id": route.pause_key, "write_key": dest.write_key, "reason": reason},
@@ -749,7 +740,7 @@ class Relay:
         self.metrics.paused.set(len(self.router.paused))
 
     def _hold_paused(self, conn: Conn, route: Route, ids: list[int]) -> None:
-        with self._tx(conn):
+        with conn.transaction():
             conn.execute(
                 q.OUTBOX_MARK_HELD,
                 {"ids": ids, "reason": f"destination {route.pause_key} is paused"},

@@ -16,6 +16,21 @@ from relay.settings import Settings
 KEY = "test-key"
 
 
+OPTIONAL_CUSTOMER_STRINGS = (
+    "name",
+    "date_of_birth",
+    "gender",
+    "country",
+    "city",
+    "state",
+    "project_id",
+    "first_campaign_slug",
+    "campaign_base_url",
+    "last_session_id",
+)
+"""The customer's optional string attributes (integration spec), for tests that vary them."""
+
+
 def funnel_event(
     customer: str,
     n: int,

@@ -29,7 +29,7 @@ from relay import InvalidEvent, MappingConfig, record_event
 from relay.fakecio import FakeCustomerIO
 from relay.mapping import EVENT_TYPES, MAX_DEPTH, MAX_MESSAGE_BYTES, map_event
 from relay.service import drain
-from tests.relay_helpers import KEY, make_relay, query, states
+from tests.relay_helpers import KEY, OPTIONAL_CUSTOMER_STRINGS, make_relay, query, states
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 # Sized for CI (well under a minute); raise it for a longer fuzzing session.
@@ -165,18 +165,7 @@ def nested(depth: int) -> Any:
 @st.composite
 def valid_events(draw: st.DrawFn) -> dict[str, Any]:
     customer: dict[str, Any] = {"id": draw(non_empty), "email": draw(emails)}
-    for name in (
-        "name",
-        "date_of_birth",
-        "gender",
-        "country",
-        "city",
-        "state",
-        "project_id",
-        "first_campaign_slug",
-        "campaign_base_url",
-        "last_session_id",
-    ):
+    for name in OPTIONAL_CUSTOMER_STRINGS:
         if draw(st.booleans()):
             customer[name] = draw(st.one_of(text, st.none()))
     if draw(st.booleans()):

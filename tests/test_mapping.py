@@ -31,6 +31,7 @@ from relay.mapping import (
     map_event_explained,
     parse_event,
 )
+from tests.relay_helpers import OPTIONAL_CUSTOMER_STRINGS
 
 NUL_REASON = "contains a NUL character, which PostgreSQL cannot store"
 
@@ -667,18 +668,7 @@ INVALID_CASES: list[Any] = [
     ("email-blank", replace(("customer", "email"), "  "), "customer.email", "@"),
     *[
         (f"{name}-not-string", replace(("customer", name), ["x"]), f"customer.{name}", "string")
-        for name in (
-            "name",
-            "date_of_birth",
-            "gender",
-            "country",
-            "city",
-            "state",
-            "project_id",
-            "first_campaign_slug",
-            "campaign_base_url",
-            "last_session_id",
-        )
+        for name in OPTIONAL_CUSTOMER_STRINGS
     ],
     ("name-nul", replace(("customer", "name"), "A\x00da"), "customer.name", NUL_REASON),
     (
@@ -960,21 +950,7 @@ CUSTOMERS = st.fixed_dictionaries(
         "email": st.builds(lambda a, b: f"{a}@{b}", TEXT, TEXT),
     },
     optional={
-        **{
-            name: OPTIONAL_TEXT
-            for name in (
-                "name",
-                "date_of_birth",
-                "gender",
-                "country",
-                "city",
-                "state",
-                "project_id",
-                "first_campaign_slug",
-                "campaign_base_url",
-                "last_session_id",
-            )
-        },
+        **{name: OPTIONAL_TEXT for name in OPTIONAL_CUSTOMER_STRINGS},
         "marketing_consent": st.none() | st.booleans(),
         "created_at": st.none()
         | st.integers(min_value=0, max_value=2**33)
