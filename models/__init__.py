@@ -10,7 +10,7 @@ from typing import Any
 
 from models.states import ATTEMPT_OUTCOMES, MESSAGE_KINDS, MESSAGE_STATES
 
-_MODELS = ("Base", "DeliveryAttempt", "Destination", "OutboxMessage")
+_MODELS = ("Base", "DeliveryAttempt", "Destination", "OutboxMessage", "Throttle")
 
 __all__ = ["ATTEMPT_OUTCOMES", "MESSAGE_KINDS", "MESSAGE_STATES", *_MODELS]
 

@@ -91,6 +91,9 @@ class OutboxMessage(Base):
     )
     lease_owner: Mapped[str | None] = mapped_column(Text)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Which claim holds the lease: outcomes, releases and renewals are fenced on it, so a relay
+    # whose lease ran out cannot touch rows a later claim took (even under the same owner).
+    lease_token: Mapped[int | None] = mapped_column(BigInteger)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     # For a coalesced row: the row whose identify carried its traits. No foreign key: purging
@@ -196,3 +199,17 @@ class Destination(Base):
     )
 
     __table_args__ = (CheckConstraint("region IN ('us', 'eu')", name="region"),)
+
+
+class Throttle(Base):
+    """A destination that answered 429: no relay sends to it before ``resume_at``."""
+
+    __tablename__ = "relay_throttle"
+
+    # "default" or a project id, as in relay_attempt.destination.
+    destination: Mapped[str] = mapped_column(Text, primary_key=True)
+    resume_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )

@@ -13,12 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Customer.io's limit for one message, in bytes of JSON.
-MAX_MESSAGE_BYTES = 32768
-
-# The official SDK closes a batch at 475,000 bytes, leaving headroom under the 500 KB request
-# limit for anything the size estimate does not see.
-MAX_BATCH_BYTES = 475_000
+from relay.limits import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES
 
 # The official SDK's item limit per batch.
 DEFAULT_MAX_ITEMS = 100

@@ -9,6 +9,11 @@ What this client guarantees:
   leave this module.
 * One keep-alive ``httpx.Client`` (HTTP/1.1, pooled connections) per destination, so a draining
   backlog does not pay a TCP and TLS handshake per request.
+* One deadline per request. ``timeout_s`` bounds the whole exchange up to the response's status
+  line and headers: waiting for a pooled connection, connecting, the TLS handshake, writing the
+  request, waiting for the answer. What is left of it then bounds reading (at most 64 KiB of)
+  the body. A server that trickles bytes cannot stretch a request past the deadline, which the
+  relay's leases depend on (see ``CustomerIOClient``).
 * Weakened transport security is never silent: ``verify_tls=False``, or a plain-HTTP base URL
   to a host other than this machine, logs a WARNING naming the destination.
 * ``send_batch`` reports what happened as a ``SendResult`` and does not raise for HTTP statuses
@@ -21,20 +26,30 @@ What it deliberately does not do:
 * Enforce Customer.io's size limits. Batches are sized by the caller; with strict mode an
   oversized request comes back as a ``400`` rather than being dropped.
 * Follow redirects. A ``3xx`` means the base URL is wrong and is reported as such.
+* Honour ``HTTP(S)_PROXY`` environment variables: a proxy would sit outside the deadline. A
+  proxy in front of Customer.io is configured as the destination's base URL instead.
+* Bound name resolution. ``getaddrinfo`` cannot be interrupted; a hung DNS lookup is bounded
+  only by the system resolver's own timeouts (``/etc/resolv.conf``), before the connect starts.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import select
+import socket
+import ssl
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Any, Final, Literal, NamedTuple, Self
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from relay.errors import ConfigError
@@ -58,6 +73,8 @@ REGION_URLS: Final[dict[str, str]] = {
 
 BATCH_PATH: Final = "/v1/batch"
 SNIPPET_CHARS: Final = 500
+# The most of a response body read; Customer.io's answers are a few bytes of JSON.
+BODY_LIMIT: Final = 64 * 1024
 # Transport error texts are for humans; a bounded length keeps a pathological message from
 # flooding logs or the outbox's last-error column.
 _ERROR_CHARS: Final = 300
@@ -174,6 +191,13 @@ class SendResult:
     the raw ``Retry-After`` header, left for the caller to parse (seconds or an HTTP date).
     ``latency_s`` is measured on the monotonic clock; ``started_at`` is wall-clock UTC and is
     the instant sent as the batch's ``sentAt``.
+
+    ``body_complete`` is False when a status arrived but its body did not arrive in full: the
+    connection was cut or reset during it, it was still trickling in when the deadline passed,
+    or it was longer than ``BODY_LIMIT`` and reading stopped there. The status still stands (a
+    ``2xx`` is a delivery: Customer.io answers only once it has processed the batch), the
+    snippet holds what did arrive, and the connection is closed rather than reused. It is True
+    for every complete response and for every failure (there is no body to speak of).
     """
 
     status_code: int | None
@@ -184,18 +208,253 @@ class SendResult:
     latency_s: float
     request_bytes: int
     started_at: datetime
+    body_complete: bool = True
 
 
 def _iso_utc(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# --- the request deadline -------------------------------------------------------------------
+#
+# httpx's timeouts are per phase: a read timeout bounds each read, so a server that sends a
+# byte a little more often than that holds a request for as long as it likes. The deadline is
+# enforced one level down instead, in the network backend httpcore does all its I/O through:
+# every socket call (connect to each address, TLS handshake, each send, each recv) gets at most
+# the time left before the deadline of the request the calling thread is making, and fails with
+# httpcore's matching timeout exception when none is left. httpx turns those into its own
+# ``TimeoutException`` subclasses, so ``send_batch`` reports them as ``"timeout"``.
+#
+# The deadline lives in a context variable that ``send_batch`` sets around one exchange. httpcore
+# does a request's I/O in the thread that makes it, so each of the threads sharing a client
+# sees its own deadline and only its own; outside ``send_batch`` there is none and httpx's
+# per-phase timeouts apply unchanged.
+
+
+class _Deadline(NamedTuple):
+    at: float  # on the time.monotonic() clock
+    budget_s: float  # the whole allowance, for error texts
+
+
+_DEADLINE: ContextVar[_Deadline | None] = ContextVar("relay_client_deadline", default=None)
+
+
+def _time_left(
+    timeout: float | None, expired: type[httpcore.TimeoutException], phase: str
+) -> float | None:
+    """The timeout for one socket call: httpx's per-phase ``timeout``, cut to what is left of
+    the current deadline. Raises ``expired`` when the deadline has already passed."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline.at - time.monotonic()
+    if left <= 0:
+        raise expired(_timeout_text(phase))
+    return left if timeout is None else min(timeout, left)
+
+
+def _timeout_text(phase: str) -> str:
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return f"{phase} timed out"
+    return f"the {deadline.budget_s:g} s request deadline passed during {phase}"
+
+
+def _is_readable(sock: socket.socket) -> bool:
+    # As httpcore does it: a pooled connection whose socket is readable while idle has been
+    # closed by the server (or sent garbage) and is not reused.
+    fd = sock.fileno()
+    if fd < 0:
+        return True
+    if sys.platform == "win32" or not hasattr(select, "poll"):  # pragma: no cover
+        readable, _, _ = select.select([fd], [], [], 0)
+        return bool(readable)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """httpcore's ``SyncStream``, with each socket call bounded by the request deadline.
+
+    Not a wrapper around ``SyncStream``: its ``write`` reuses one timeout for every ``send`` of
+    a loop, so a peer reading slowly could stretch a write far past any deadline.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        left = _time_left(timeout, httpcore.ReadTimeout, "read")
+        try:
+            self._sock.settimeout(left)
+            return self._sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(_timeout_text("read")) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc) or type(exc).__name__) from exc
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        view = memoryview(buffer)
+        while view:
+            left = _time_left(timeout, httpcore.WriteTimeout, "write")
+            try:
+                self._sock.settimeout(left)
+                sent = self._sock.send(view)
+            except TimeoutError as exc:
+                raise httpcore.WriteTimeout(_timeout_text("write")) from exc
+            except OSError as exc:
+                raise httpcore.WriteError(str(exc) or type(exc).__name__) from exc
+            view = view[sent:]
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            left = _time_left(timeout, httpcore.ConnectTimeout, "the TLS handshake")
+            # The handshake runs inside wrap_socket, and CPython bounds it as a whole by the
+            # socket timeout (not per read), so it cannot outlast the deadline either.
+            self._sock.settimeout(left)
+            tls = ssl_context.wrap_socket(self._sock, server_hostname=server_hostname)
+        except TimeoutError as exc:
+            self.close()
+            raise httpcore.ConnectTimeout(_timeout_text("the TLS handshake")) from exc
+        except OSError as exc:
+            self.close()
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        except BaseException:
+            self.close()
+            raise
+        return _DeadlineStream(tls)
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "ssl_object":
+            # httpcore reads the negotiated ALPN protocol from it; an SSLSocket answers that.
+            return self._sock if isinstance(self._sock, ssl.SSLSocket) else None
+        if info == "client_addr":
+            return self._sock.getsockname()
+        if info == "server_addr":
+            return self._sock.getpeername()
+        if info == "socket":
+            return self._sock
+        if info == "is_readable":
+            return _is_readable(self._sock)
+        return None
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's ``SyncBackend``, with connecting bounded by the request deadline.
+
+    ``socket.create_connection`` gives each resolved address the full timeout in turn; here
+    they share what is left of the deadline. Stateless, so one instance serves every thread.
+    """
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        _time_left(timeout, httpcore.ConnectTimeout, "connect")
+        try:
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
+        options = list(socket_options or ())
+        last: OSError | None = None
+        for family, kind, proto, _, address in addresses:
+            left = _time_left(timeout, httpcore.ConnectTimeout, "connect")
+            sock = socket.socket(family, kind, proto)
+            try:
+                for option in options:
+                    sock.setsockopt(*option)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if local_address is not None:
+                    sock.bind((local_address, 0))
+                sock.settimeout(left)
+                sock.connect(address)
+            except OSError as exc:  # TimeoutError included: try the next address, if in time
+                sock.close()
+                last = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return _DeadlineStream(sock)
+        if isinstance(last, TimeoutError):
+            raise httpcore.ConnectTimeout(_timeout_text("connect")) from last
+        detail = (str(last) or type(last).__name__) if last else "no address"
+        raise httpcore.ConnectError(f"cannot connect to {host}:{port}: {detail}") from last
+
+
+# The same limits httpx.Client uses by default, spelled out because the transport is built here.
+_POOL_LIMITS: Final = httpx.Limits(
+    max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0
+)
+
+
+def _deadline_transport(verify_tls: bool) -> httpx.HTTPTransport:
+    """An ``httpx.HTTPTransport`` like the one ``httpx.Client`` makes by default (HTTP/1.1, the
+    same TLS settings and pool limits) whose connections do their I/O through
+    ``_DeadlineBackend``."""
+    ssl_context = httpx.create_ssl_context(verify=verify_tls)
+    transport = httpx.HTTPTransport(
+        verify=ssl_context, http1=True, http2=False, limits=_POOL_LIMITS
+    )
+    pool = httpcore.ConnectionPool(
+        ssl_context=ssl_context,
+        max_connections=_POOL_LIMITS.max_connections,
+        max_keepalive_connections=_POOL_LIMITS.max_keepalive_connections,
+        keepalive_expiry=_POOL_LIMITS.keepalive_expiry,
+        http1=True,
+        http2=False,
+        network_backend=_DeadlineBackend(),
+    )
+    _install_pool(transport, pool)
+    return transport
+
+
+def _install_pool(transport: httpx.HTTPTransport, pool: httpcore.ConnectionPool) -> None:
+    # PRIVATE API. httpx.HTTPTransport takes no network backend, so its httpcore pool is
+    # replaced with one built on ours. httpx 0.28-0.29 keep that pool in ``_pool`` and use it
+    # for every request (``handle_request``) and for ``close``. If a release stops doing so,
+    # fail here, at client construction, rather than send requests with no deadline;
+    # tests/test_client_deadline.py checks that requests really go through the backend.
+    current = getattr(transport, "_pool", None)
+    if not isinstance(current, httpcore.ConnectionPool):
+        raise RuntimeError(
+            f"httpx {httpx.__version__}: HTTPTransport no longer keeps an httpcore "
+            "ConnectionPool in _pool; relay.client cannot enforce its request deadline"
+        )
+    current.close()  # never used: holds no connections
+    transport._pool = pool
+
+
 class CustomerIOClient:
     """Sends batches to one ``Destination`` over one pooled, keep-alive HTTP client.
 
-    Safe to share between threads (``httpx.Client`` is). ``timeout_s`` applies to each phase
-    (connect, write, each read, waiting for a pooled connection), not to the request as a whole.
-    ``transport`` replaces the network, for tests; ``verify_tls`` has no effect then.
+    Safe to share between threads (``httpx.Client`` is, and each thread's deadline is its own):
+    the relay's sending threads share one client per destination.
+
+    ``timeout_s`` is one deadline for each ``send_batch``, counted from its start: waiting for a
+    pooled connection, connecting, the TLS handshake, writing the request and receiving the
+    response's status line and headers must all fit in it, or the result is ``"timeout"``
+    (within ``timeout_s`` plus scheduling slack). The body is then read in what is left of the
+    same deadline; a status that arrived in time stands even if its body does not (see
+    ``SendResult.body_complete``). So no request outlives ``timeout_s``, however slowly the
+    server trickles bytes.
+
+    ``transport`` replaces the network, for tests; ``verify_tls`` has no effect then, and
+    neither does the deadline, which is enforced in the network layer that ``transport``
+    replaces.
     """
 
     def __init__(
@@ -212,6 +471,7 @@ class CustomerIOClient:
                 f"destination {destination.name!r}: timeout must be positive, got {timeout_s!r}"
             )
         self.destination = destination
+        self._timeout_s = timeout_s
         self._url = destination.base_url.rstrip("/") + BATCH_PATH
         token = _basic_token(destination.write_key)
         self._secrets = (token, destination.write_key)
@@ -234,9 +494,11 @@ class CustomerIOClient:
                 "X-Strict-Mode": "1",
                 "User-Agent": user_agent,
             },
+            # Per phase, and each phase is further cut to what is left of the deadline. The
+            # pool phase (waiting for a free connection) starts with the request, so this
+            # bounds it by the deadline too.
             timeout=httpx.Timeout(timeout_s),
-            verify=verify_tls,
-            transport=transport,
+            transport=transport if transport is not None else _deadline_transport(verify_tls),
             http1=True,
             http2=False,
             follow_redirects=False,
@@ -249,8 +511,9 @@ class CustomerIOClient:
         """POST ``items`` (each one compact, already-encoded JSON message) to ``/v1/batch``.
 
         The items are spliced into the body as bytes, so what was measured and stored upstream
-        is exactly what is sent. Returns a ``SendResult`` for any HTTP status and any transport
-        failure; raises ``ValueError`` only for an empty batch, which is a caller bug.
+        is exactly what is sent. Returns within the client's ``timeout_s`` deadline (plus
+        scheduling slack) with a ``SendResult`` for any HTTP status and any transport failure;
+        raises ``ValueError`` only for an empty batch, which is a caller bug.
         """
         if not items:
             raise ValueError("send_batch needs at least one item")
@@ -265,35 +528,19 @@ class CustomerIOClient:
             )
         )
         t0 = time.monotonic()
+        token = _DEADLINE.set(_Deadline(t0 + self._timeout_s, self._timeout_s))
         try:
-            response = self._http.post(self._url, content=body)
-        except httpx.TimeoutException as exc:
-            result = self._failure("timeout", exc, t0, len(body), started_at)
-        except httpx.ConnectError as exc:
-            result = self._failure("connect", exc, t0, len(body), started_at)
-        except httpx.RequestError as exc:
-            # Any other TransportError (peer hung up, read/write failure, proxy error), and
-            # also a body that arrived but could not be decoded: the exchange did not complete
-            # and nothing above this module should need to know httpx's exception types.
-            result = self._failure("protocol", exc, t0, len(body), started_at)
-        else:
-            result = SendResult(
-                status_code=response.status_code,
-                error_kind=None,
-                error=None,
-                retry_after=response.headers.get("Retry-After"),
-                response_snippet=self._redact(response.text)[:SNIPPET_CHARS],
-                latency_s=time.monotonic() - t0,
-                request_bytes=len(body),
-                started_at=started_at,
-            )
+            result, body_problem = self._exchange(body, t0, started_at)
+        finally:
+            _DEADLINE.reset(token)
         logger.debug(
-            "batch to %s: %d items, %d bytes -> %s in %.3fs",
+            "batch to %s: %d items, %d bytes -> %s in %.3fs%s",
             self.destination.name,
             len(items),
             result.request_bytes,
             result.status_code if result.status_code is not None else result.error_kind,
             result.latency_s,
+            f" (body incomplete: {body_problem})" if body_problem else "",
         )
         return result
 
@@ -311,6 +558,44 @@ class CustomerIOClient:
     ) -> None:
         self.close()
 
+    def _exchange(
+        self, body: bytes, t0: float, started_at: datetime
+    ) -> tuple[SendResult, str | None]:
+        """One POST under the deadline already set; the result, and why the body is incomplete
+        (None when it is not)."""
+        try:
+            request = self._http.build_request("POST", self._url, content=body)
+            # stream=True returns once the status line and headers are in, leaving the body
+            # to be read (or not) here, under the same deadline.
+            response = self._http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            return self._failure("timeout", exc, t0, len(body), started_at), None
+        except httpx.ConnectError as exc:
+            return self._failure("connect", exc, t0, len(body), started_at), None
+        except httpx.RequestError as exc:
+            # Any other TransportError (peer hung up, read/write failure, proxy error), and
+            # also a body that arrived but could not be decoded: the exchange did not complete
+            # and nothing above this module should need to know httpx's exception types.
+            return self._failure("protocol", exc, t0, len(body), started_at), None
+        try:
+            received, problem = _read_body(response)
+        finally:
+            # Before the body is complete, this closes the connection instead of pooling it.
+            _close_quietly(response)
+        text = _decode(received, response)
+        result = SendResult(
+            status_code=response.status_code,
+            error_kind=None,
+            error=None,
+            retry_after=response.headers.get("Retry-After"),
+            response_snippet=self._redact(text, cut=problem is not None)[:SNIPPET_CHARS],
+            latency_s=time.monotonic() - t0,
+            request_bytes=len(body),
+            started_at=started_at,
+            body_complete=problem is None,
+        )
+        return result, None if problem is None else self._redact(problem)[:_ERROR_CHARS]
+
     def _failure(
         self,
         kind: ErrorKind,
@@ -320,12 +605,10 @@ class CustomerIOClient:
         started_at: datetime,
     ) -> SendResult:
         latency_s = time.monotonic() - t0
-        detail = str(exc).strip()
-        text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         return SendResult(
             status_code=None,
             error_kind=kind,
-            error=self._redact(text)[:_ERROR_CHARS],
+            error=self._redact(_describe(exc))[:_ERROR_CHARS],
             retry_after=None,
             response_snippet="",
             latency_s=latency_s,
@@ -333,10 +616,55 @@ class CustomerIOClient:
             started_at=started_at,
         )
 
-    def _redact(self, text: str) -> str:
+    def _redact(self, text: str, *, cut: bool = False) -> str:
         # httpx does not put credentials in its messages, but a proxy or a misbehaving server
         # could echo them back; scrubbing here keeps the promise independent of either. Callers
-        # truncate after redacting, so a cut can never leave part of a secret behind.
+        # truncate after redacting, so a cut of theirs can never leave part of a secret behind.
+        # ``cut`` says the text itself was cut short (a body that stopped arriving): a secret's
+        # first characters at its end are scrubbed as well, beyond the 4 a masked key shows.
         for secret in self._secrets:
             text = text.replace(secret, _REDACTED)
+        if cut:
+            for secret in self._secrets:
+                for size in range(min(len(secret) - 1, len(text)), 4, -1):
+                    if text.endswith(secret[:size]):
+                        text = text[:-size] + _REDACTED
+                        break
         return text
+
+
+def _describe(exc: BaseException) -> str:
+    detail = str(exc).strip()
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def _read_body(response: httpx.Response) -> tuple[bytes, str | None]:
+    """Up to ``BODY_LIMIT`` bytes of the (decoded) body, and why it is incomplete, if it is.
+
+    Every read the network needs is bounded by what is left of the deadline, so this returns
+    by the deadline whatever the server does.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > BODY_LIMIT:
+                return b"".join(chunks)[:BODY_LIMIT], f"longer than {BODY_LIMIT} bytes"
+    except httpx.RequestError as exc:
+        return b"".join(chunks), _describe(exc)
+    return b"".join(chunks), None
+
+
+def _decode(received: bytes, response: httpx.Response) -> str:
+    # response.encoding is the charset of Content-Type when Python knows it, else UTF-8.
+    return received.decode(response.encoding or "utf-8", errors="replace")
+
+
+def _close_quietly(response: httpx.Response) -> None:
+    # Closing only closes sockets; a failure here cannot change what the server answered.
+    try:
+        response.close()
+    except (httpx.HTTPError, OSError) as exc:
+        logger.debug("closing a response failed: %s", _describe(exc))

@@ -6,18 +6,25 @@ by replacing each top-level trait it names, whole. Sending the identifies one by
 leaves exactly the state of one identify whose traits are all of theirs merged key by key,
 newest value last. That merge is done here, and it sends one identify where there were many.
 
-Safety rests on two facts about the caller:
+Safety rests on three facts about the caller and this module:
 
-- It stores the merged body on the carrier row in the same transaction that marks the other
-  identifies coalesced. A retry then re-sends the merged body under the carrier's messageId,
-  never a different body under an id Customer.io may already hold.
+- The caller stores the merged body on the carrier row in the same transaction that marks the
+  other identifies coalesced. A retry then re-sends the merged body under the carrier's
+  messageId, never a different body under an id Customer.io may already hold.
 - Rows already attempted (``attempts > 0``) may be held by Customer.io under their messageId,
-  so they are never merged or rewritten: they go out first, as they were, in write order.
+  so they are never merged or rewritten, and only the fresh identifies written after the last
+  attempted row are merged (a fresh row before an attempted one, which only an operator's
+  re-queue produces, is sent as it is).
+- **Everything goes out in write order, and the carrier is the FIRST merged identify.** The
+  merged identify therefore sits at or before every identify it absorbed, so each track still
+  follows an identify that carries every trait written before it, and this stays true however
+  often the request fails: a retried claim sends the same rows in the same order. (Carrying
+  the merge on the last identify and moving it to the front held only until the first
+  failure; the retry then sent the attempted rows in write order, the tracks before it.)
 
-The merged identify goes before the fresh tracks, so each track reaches a profile that already
-has every attribute written up to the claim, including ones written after that track. The
-merged identify takes the newest timestamp of its parts because Customer.io may ignore an
-update older than the attribute it already holds.
+The merged identify takes the newest timestamp of its parts because Customer.io may ignore an
+update older than the attribute it already holds. A track may thus reach a profile holding
+traits written after it, never one missing a trait written before it.
 """
 
 from __future__ import annotations
@@ -82,15 +89,16 @@ def merge_traits(identifies: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def coalesce(rows: Sequence[Claimed]) -> Plan:
     """Plan the sending of one customer's claimed rows, given in write order.
 
-    Order of ``send``: the already-attempted rows as they are; then, if there are fresh
-    identifies, one identify carried by the last of them (its row id and messageId), with the
-    merged traits and the newest timestamp; then the fresh tracks in write order.
+    ``send`` is the rows in write order, minus the coalesced identifies. The fresh identifies
+    after the last attempted row, when there are two or more, become one identify carried by
+    the first of them (its row id and messageId), with the merged traits and the newest
+    timestamp.
 
-    The fresh identifies are sent unmerged, in write order with the tracks, when a merge might
-    not equal sending them one by one: if they name different ``userId`` values (two profiles,
-    not one), or if a ``traits`` is not an object or a ``timestamp`` is missing, unreadable or
-    without a UTC offset (so "newest" is not known). Such rows go out as written and strict mode
-    judges them; they are never dropped here.
+    The identifies are sent unmerged when a merge might not equal sending them one by one: if
+    they name different ``userId`` values (two profiles, not one), or if a body is not an
+    object, a ``traits`` is not an object or a ``timestamp`` is missing, unreadable or without
+    a UTC offset (so "newest" is not known). Such rows go out as written and strict mode judges
+    them; they are never dropped here.
     """
     seen: set[int] = set()
     for row in rows:
@@ -100,35 +108,37 @@ def coalesce(rows: Sequence[Claimed]) -> Plan:
             raise ValueError(f"row {row.row_id} has a negative attempt count: {row.attempts}")
         seen.add(row.row_id)
 
-    attempted = [row for row in rows if row.attempts > 0]
-    fresh = [row for row in rows if row.attempts == 0]
-    identifies = [row for row in fresh if row.kind == "identify"]
-
-    send = [Outgoing(row.row_id, row.body) for row in attempted]
+    last_attempted = max((n for n, row in enumerate(rows) if row.attempts > 0), default=-1)
+    identifies = [row for row in rows[last_attempted + 1 :] if row.kind == "identify"]
     coalesced_into: dict[int, int] = {}
     rewritten: dict[int, Mapping[str, Any]] = {}
-
-    stamps = _timestamps(identifies) if identifies else None
+    stamps = _timestamps(identifies) if len(identifies) > 1 else None
     if stamps is None:
-        send.extend(Outgoing(row.row_id, row.body) for row in fresh)
-        return _plan(send, coalesced_into, rewritten)
+        return _plan([Outgoing(row.row_id, row.body) for row in rows], coalesced_into, rewritten)
 
-    carrier = identifies[-1]
-    body = carrier.body
-    if len(identifies) > 1:
-        merged = dict(carrier.body)
-        traits = merge_traits([row.body for row in identifies])
-        if traits or "traits" in merged:
-            merged["traits"] = traits
-        merged["timestamp"] = _newest(identifies, stamps)
-        if merged != carrier.body:
-            body = merged
-            rewritten[carrier.row_id] = merged
-        for row in identifies[:-1]:
-            coalesced_into[row.row_id] = carrier.row_id
-
-    send.append(Outgoing(carrier.row_id, body))
-    send.extend(Outgoing(row.row_id, row.body) for row in fresh if row.kind != "identify")
+    carrier = identifies[0]
+    # The newest identify's other keys (its context is the latest known), under the carrier's
+    # messageId: the id is the row's, the one every retry of this row must repeat.
+    merged = dict(identifies[-1].body)
+    if "messageId" in carrier.body:
+        merged["messageId"] = carrier.body["messageId"]
+    else:
+        merged.pop("messageId", None)
+    traits = merge_traits([row.body for row in identifies])
+    if traits or any("traits" in row.body for row in identifies):
+        merged["traits"] = traits
+    merged["timestamp"] = _newest(identifies, stamps)
+    body: Mapping[str, Any] = carrier.body
+    if merged != carrier.body:
+        body = merged
+        rewritten[carrier.row_id] = merged
+    for row in identifies[1:]:
+        coalesced_into[row.row_id] = carrier.row_id
+    send = [
+        Outgoing(row.row_id, body if row is carrier else row.body)
+        for row in rows
+        if row.row_id not in coalesced_into
+    ]
     return _plan(send, coalesced_into, rewritten)
 
 
@@ -147,12 +157,9 @@ def _plan(
 
 
 def _timestamps(identifies: Sequence[Claimed]) -> list[datetime] | None:
-    """Each identify's timestamp, or ``None`` when merging might differ from sending one by one.
-
-    A single identify is sent as it is, so nothing about it needs checking.
-    """
-    if len(identifies) == 1:
-        return []
+    """Each identify's timestamp, or ``None`` when merging might differ from sending one by one."""
+    if not all(isinstance(row.body, Mapping) for row in identifies):
+        return None
     user_id = identifies[0].body.get("userId")
     stamps: list[datetime] = []
     for row in identifies:

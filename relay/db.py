@@ -6,6 +6,9 @@ error as ``__cause__``) so the daemon can tell "the database went away" from a b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -59,3 +62,48 @@ def connect(
 
 def first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
+
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def relay_connection(dsn: str, purpose: str, instance: str) -> Conn:
+    """One of the relay's own connections (claim, send, services, lease, listen).
+
+    Its bookkeeping commits asynchronously (``SESSION_ASYNC_COMMIT``). Every failure to get a
+    working session is ``DatabaseUnavailable``: the session can also be cut between connect and
+    its first statement (a restart, ``pg_terminate_backend``), which is an outage, not a crash.
+    """
+    from relay import queries as q
+
+    try:
+        conn = psycopg.connect(
+            dsn, application_name=f"relay {purpose} {instance}", connect_timeout=10
+        )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to {redact_dsn(dsn)}: {first_line(str(exc))}"
+        ) from exc
+    try:
+        conn.execute(q.SESSION_ASYNC_COMMIT)
+        conn.commit()
+    except psycopg.OperationalError as exc:
+        conn.close()
+        raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
+    return conn
+
+
+@contextmanager
+def database_errors(conn: Conn, on_lost: Callable[[], None] | None = None) -> Iterator[Conn]:
+    """Use ``conn``; a lost session becomes ``DatabaseUnavailable`` (the psycopg error as its
+    ``__cause__``), after closing it and calling ``on_lost``. The one place the relay maps
+    psycopg's connection errors, the way httpx maps httpcore's."""
+    try:
+        yield conn
+    except psycopg.OperationalError as exc:
+        if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure):
+            raise
+        conn.close()
+        if on_lost is not None:
+            on_lost()
+        raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc

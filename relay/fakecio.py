@@ -27,7 +27,22 @@ random faults drawn from a seeded ``random.Random`` (``set_fault_rates``). Kinds
 - ``"drop"``: the request is read, then the connection is closed without a response.
 - ``"slow"``: wait ``slow_s``, then process normally. The items ARE accepted: this is the case
   of a client that timed out while the server stored the data, so its retry is a duplicate.
+- ``"timeout_edge"``: wait ``edge_s``, then process normally (the items ARE accepted). Set
+  ``edge_s`` just under the client's deadline: the answer arrives either just in time or just
+  too late, and in the second case the retry is a duplicate.
+- ``"trickle"``: process normally (the items ARE accepted), send the status line and headers
+  at once, with a ``Content-Length`` larger than the body that follows, then trickle the body
+  one byte every ``trickle_interval_s`` for ``trickle_s`` and close the connection. A client
+  must judge by the status: the body never completes. Only an answer of ``200`` trickles; a
+  request refused (``400``, ``401``) is answered normally.
+- ``"hang"``: read the request and answer nothing until ``hang_s`` has passed (or ``stop``),
+  then close the connection. Nothing accepted.
+- ``"reset"``: read the request, then reset the connection (RST: ``SO_LINGER`` 0 and close)
+  without a response. Nothing accepted.
 - ``"ok"`` (script only): no fault for that request.
+
+``stop`` wakes every request waiting for latency or for one of these faults (``slow``,
+``timeout_edge``, ``trickle``, ``hang``): it returns promptly whatever the connections do.
 
 ``fault_counts`` counts the faults injected by the kind that was answered (``"502"``, never
 ``"5xx"``). A scripted ``"401"`` answers ``401`` with or without strict mode, like the other
@@ -46,12 +61,14 @@ import argparse
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import json
 import random
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -69,6 +86,7 @@ __all__ = [
     "MAX_ITEM_BYTES",
     "MAX_REQUEST_BYTES",
     "NO_RESPONSE",
+    "STORING_FAULTS",
     "Accepted",
     "FakeCustomerIO",
     "RequestRecord",
@@ -86,8 +104,27 @@ ITEM_TYPES: Final = frozenset({"identify", "track", "page", "screen", "group", "
 NO_RESPONSE: Final = 0
 """``RequestRecord.status`` of a request whose connection was closed without an answer."""
 
-FAULT_KINDS: Final = ("500", "502", "503", "5xx", "429", "401", "drop", "slow")
-"""Fault kinds accepted by ``script`` and ``set_fault_rates``; random draws follow this order."""
+FAULT_KINDS: Final = (
+    "500",
+    "502",
+    "503",
+    "5xx",
+    "429",
+    "401",
+    "drop",
+    "slow",
+    "trickle",
+    "timeout_edge",
+    "hang",
+    "reset",
+)
+"""Fault kinds accepted by ``script`` and ``set_fault_rates``; random draws follow this order.
+
+New kinds go at the end: a rate table without them draws the same faults for the same seed.
+"""
+
+STORING_FAULTS: Final = frozenset({"slow", "timeout_edge", "trickle"})
+"""Faults after which the items are stored although the client may never see the answer."""
 
 _SCRIPT_KINDS: Final = frozenset((*FAULT_KINDS, "ok"))
 _SERVER_ERRORS: Final = ("500", "502", "503")
@@ -103,6 +140,8 @@ _ENDPOINTS: Final[Mapping[str, str | None]] = {
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 
 _EMPTY_OBJECT: Final = b"{}"
+
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +175,9 @@ class RequestRecord:
     bytes: int
     fault: str | None
     dropped: bool
+    received_at: float = dataclasses.field(default=0.0, compare=False)
+    """``time.monotonic()`` when the request's body had been read (before any latency); not
+    part of equality, so a test can compare records without knowing the clock."""
 
 
 @dataclass(slots=True)
@@ -150,15 +192,17 @@ class _Exchange:
     items: int
     body_bytes: int
     fault: str | None
+    received_at: float = 0.0
 
 
 class FakeCustomerIO:
     """A Customer.io CDP API on a local port; see the module docstring for its behaviour.
 
-    ``latency_s``, ``slow_s``, ``retry_after_s`` and ``reject`` are plain attributes and may be
-    changed while the server runs. ``reject`` is called with each valid item of a request; a
-    string it returns rejects the whole request (``400`` naming the item, or a silent drop
-    without strict mode).
+    ``latency_s``, ``slow_s``, ``edge_s``, ``trickle_s``, ``trickle_interval_s``, ``hang_s``,
+    ``retry_after_s`` and ``reject`` are plain attributes and may be changed while the server
+    runs (a request uses the values read when its fault takes effect). ``reject`` is called
+    with each valid item of a request; a string it returns rejects the whole request (``400``
+    naming the item, or a silent drop without strict mode).
     """
 
     def __init__(
@@ -169,6 +213,10 @@ class FakeCustomerIO:
         *,
         latency_s: float = 0.0,
         slow_s: float = 3.0,
+        edge_s: float = 0.9,
+        trickle_s: float = 3.0,
+        trickle_interval_s: float = 0.5,
+        hang_s: float = 30.0,
         retry_after_s: float = 1.0,
         reject: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> None:
@@ -177,6 +225,10 @@ class FakeCustomerIO:
         self.host = host
         self.latency_s = latency_s
         self.slow_s = slow_s
+        self.edge_s = edge_s
+        self.trickle_s = trickle_s
+        self.trickle_interval_s = trickle_interval_s
+        self.hang_s = hang_s
         self.retry_after_s = retry_after_s
         self.reject = reject
 
@@ -199,7 +251,7 @@ class FakeCustomerIO:
         self._port = port
         self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        # Set by stop(): wakes handlers sleeping for latency or a "slow" fault.
+        # Set by stop(): wakes handlers sleeping for latency or a fault's delay.
         self._stopping = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -226,8 +278,9 @@ class FakeCustomerIO:
     def stop(self) -> None:
         """Close the listening socket and every open connection; return once handlers ended.
 
-        Requests sleeping for latency or a "slow" fault are abandoned: their connection is
-        closed without a response and nothing from them is accepted.
+        Requests sleeping for latency or a "slow", "timeout_edge" or "hang" fault are
+        abandoned: their connection is closed without a response and nothing from them is
+        accepted. A "trickle" body stops where it was (its items were accepted already).
         """
         server, thread = self._server, self._thread
         if server is None or thread is None:
@@ -344,6 +397,13 @@ class FakeCustomerIO:
                 record.item["messageId"] for record in self.accepted if "messageId" in record.item
             ]
 
+    @property
+    def requests_arrived(self) -> int:
+        """API requests whose body has been read, answered or not (``requests`` holds only
+        the answered ones)."""
+        with self._cond:
+            return self._request_count
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
         """Wait until ``predicate()`` is true; False if it still is not after ``timeout`` s.
 
@@ -400,6 +460,7 @@ class FakeCustomerIO:
         body = _read_body(h)
         strict = h.headers.get("X-Strict-Mode", "").strip() == "1"
         key = _write_key_from(h.headers.get("Authorization"))
+        received_at = time.monotonic()
         endpoint_known = path in _ENDPOINTS
         with self._cond:
             self._request_count += 1
@@ -428,7 +489,7 @@ class FakeCustomerIO:
             )
         else:
             items, error = _parse_body(body, _ENDPOINTS[path])
-        ex = _Exchange(h, no, path, strict, auth_ok, len(items), len(body), fault)
+        ex = _Exchange(h, no, path, strict, auth_ok, len(items), len(body), fault, received_at)
 
         if self.latency_s > 0 and self._stopping.wait(self.latency_s):
             self._abandon(ex)
@@ -447,7 +508,19 @@ class FakeCustomerIO:
         if fault == "401":
             self._conclude(ex, 401, _error_body("injected fault: 401"))
             return
+        if fault == "hang":
+            # The request was read; nothing is ever answered. The connection is closed at
+            # the end (or at stop), as a proxy that gave up would do.
+            self._stopping.wait(self.hang_s)
+            self._abandon(ex)
+            return
+        if fault == "reset":
+            self._reset(ex)
+            return
         if fault == "slow" and self._stopping.wait(self.slow_s):
+            self._abandon(ex)
+            return
+        if fault == "timeout_edge" and self._stopping.wait(self.edge_s):
             self._abandon(ex)
             return
 
@@ -460,6 +533,9 @@ class FakeCustomerIO:
             error = self._first_rejection(items)
         if error is not None:
             self._refuse(ex, 400, error)
+            return
+        if fault == "trickle":
+            self._trickle(ex, items)
             return
         self._conclude(ex, 200, _EMPTY_OBJECT, accept=items)
 
@@ -506,6 +582,41 @@ class FakeCustomerIO:
         ex.handler.close_connection = True
         self._record(ex, NO_RESPONSE, dropped=False, accept=())
 
+    def _reset(self, ex: _Exchange) -> None:
+        h = ex.handler
+        h.close_connection = True
+        self._record(ex, NO_RESPONSE, dropped=False, accept=())
+        # l_onoff=1, l_linger=0: close() sends RST instead of FIN. The socket is closed here
+        # rather than by the server's shutdown_request, which would send a FIN first
+        # (shutdown(SHUT_WR)). Python defers the real close until the handler's file objects
+        # are closed (at the end of this request), and later calls on the closed socket
+        # object fail with EBADF without touching whatever reuses the descriptor.
+        with contextlib.suppress(OSError):
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        h.connection.close()
+
+    def _trickle(self, ex: _Exchange, items: Sequence[dict[str, Any]]) -> None:
+        """Accept, answer 200 with headers at once, then a body that never completes."""
+        h = ex.handler
+        h.close_connection = True
+        interval = max(self.trickle_interval_s, 0.001)
+        count = max(1, int(self.trickle_s / interval))
+        # The real body, then JSON whitespace: whatever part arrives is a prefix of "{}  ...".
+        body = (_EMPTY_OBJECT + b" " * count)[:count]
+        self._record(ex, 200, dropped=False, accept=items)
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        # Larger than what follows: the client waits for bytes that never come.
+        h.send_header("Content-Length", str(len(body) + 64))
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.flush()
+        for byte in body:
+            if self._stopping.wait(interval):
+                return
+            h.wfile.write(bytes((byte,)))
+            h.wfile.flush()
+
     def _conclude(
         self,
         ex: _Exchange,
@@ -534,6 +645,7 @@ class FakeCustomerIO:
             bytes=ex.body_bytes,
             fault=ex.fault,
             dropped=dropped,
+            received_at=ex.received_at,
         )
         with self._cond:
             now = time.monotonic()
@@ -804,10 +916,29 @@ def _arg_parser() -> argparse.ArgumentParser:
         "--faults",
         type=_fault_rates,
         default={},
-        help="random fault rates, e.g. 5xx=0.2,429=0.1,drop=0.05,slow=0.01",
+        help="random fault rates, e.g. 5xx=0.2,429=0.1,drop=0.05,slow=0.01,trickle=0.02,"
+        "timeout_edge=0.02,hang=0.01,reset=0.02",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for the fault draws")
     parser.add_argument("--slow-s", type=float, default=3.0, help="delay of a 'slow' fault")
+    parser.add_argument(
+        "--edge-s",
+        type=float,
+        default=0.9,
+        help="delay of a 'timeout_edge' fault (set it just under the client's timeout)",
+    )
+    parser.add_argument(
+        "--trickle-s", type=float, default=3.0, help="how long a 'trickle' body trickles"
+    )
+    parser.add_argument(
+        "--trickle-interval-s",
+        type=float,
+        default=0.5,
+        help="seconds between the bytes of a 'trickle' body",
+    )
+    parser.add_argument(
+        "--hang-s", type=float, default=30.0, help="how long a 'hang' fault holds the request"
+    )
     parser.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After on 429")
     return parser
 
@@ -821,6 +952,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.write_key,
         latency_s=args.latency_ms / 1000.0,
         slow_s=args.slow_s,
+        edge_s=args.edge_s,
+        trickle_s=args.trickle_s,
+        trickle_interval_s=args.trickle_interval_s,
+        hang_s=args.hang_s,
         retry_after_s=args.retry_after_s,
     )
     try:

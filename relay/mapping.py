@@ -103,6 +103,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
 
 from relay.errors import InvalidEvent
+from relay.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -142,7 +143,6 @@ MESSAGE_ID_NAMESPACE: Final = uuid.UUID("fd7afa49-0e51-4d62-bad0-7d0f13ee8d73")
 
 # Customer.io's per-message limit; with strict mode it answers 400 beyond it, and a 400
 # inside a batch would fail every other message sharing the request.
-MAX_MESSAGE_BYTES: Final = 32768
 
 # Deep enough for any real payload, shallow enough that validation, json and jsonb never
 # approach a recursion limit (a self-referencing dict also stops here).

@@ -101,23 +101,27 @@ CROSS JOIN LATERAL (
 ORDER BY o.customer_key, o.id
 """
 
-# Take the claimed rows, in one statement: the rows to send go in flight under our lease
-# (a merged identify's carrier also stores the merged body, so a retry re-sends the merged
-# identify under the same messageId), and merged-away identifies become coalesced, pointing at
-# their carrier. %(bodies)s is NULL except for carriers. One statement rather than three: the
-# drain profile showed each round trip here costing as much as the row work.
-# Index: primary key. Locks: already held (claimed in the same transaction).
+# Take the claimed rows, in one statement: the rows to send go in flight under this claim's
+# lease (owner, expiry and a token unique to the claim; a merged identify's carrier also stores
+# the merged body, so a retry re-sends the merged identify under the same messageId),
+# merged-away identifies become coalesced, pointing at their carrier, and poison rows (a body
+# Customer.io could never accept, or over the size limit) become dead with the reason, no
+# attempt counted. %(bodies)s is NULL except for carriers, %(errors)s except for dead rows.
+# One statement rather than several: the drain profile showed each round trip here costing as
+# much as the row work. Index: primary key. Locks: already held (claimed in this transaction).
 OUTBOX_CLAIM_MARK: Final = """
 UPDATE relay_outbox o
 SET state = c.state,
     coalesced_into = c.into_id,
     body = coalesce(c.body::jsonb, o.body),
+    last_error = CASE WHEN c.state = 'dead' THEN c.error ELSE o.last_error END,
     lease_owner = CASE WHEN c.state = 'in_flight' THEN %(owner)s END,
+    lease_token = CASE WHEN c.state = 'in_flight' THEN %(token)s::bigint END,
     lease_expires_at = CASE WHEN c.state = 'in_flight'
                             THEN now() + %(lease_s)s * interval '1 second' END,
     updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(into_ids)s::bigint[],
-            %(bodies)s::text[]) AS c(id, state, into_id, body)
+            %(bodies)s::text[], %(errors)s::text[]) AS c(id, state, into_id, body, error)
 WHERE o.id = c.id
 """
 
@@ -127,15 +131,19 @@ WHERE o.id = c.id
 OUTBOX_MARK_HELD: Final = """
 UPDATE relay_outbox
 SET state = 'held', last_error = %(reason)s, lease_owner = NULL, lease_expires_at = NULL,
-    updated_at = now()
+    lease_token = NULL, updated_at = now()
 WHERE id = ANY(%(ids)s::bigint[])
 """
 
 # --- outcomes ---------------------------------------------------------------------------------
 
 # Record the outcome of a request, row by row (delivered, retrying with its delay, dead, held).
-# Only rows still in flight under our lease are touched: if our lease expired and another relay
-# took them, its record wins and ours is dropped (the message went out twice, same messageId).
+# Fenced on the claim's token: only rows still in flight under THIS claim are touched. If the
+# lease ran out and another claim took a row (another relay, or this one again after a
+# restart under the same name), that claim's record wins and ours changes nothing.
+# The caller passes the ids in ascending order: with the nested loop over unnest that the
+# planner picks for arrays this size, rows are then locked in id order, as the lease renewal
+# locks them, so the two never deadlock.
 # Index: primary key. Locks: row locks on the updated rows, for the statement's transaction.
 OUTBOX_RECORD_OUTCOMES: Final = """
 UPDATE relay_outbox o
@@ -146,28 +154,43 @@ SET state = r.state,
                            ELSE o.next_attempt_at END,
     delivered_at = CASE WHEN r.state = 'delivered' THEN now() ELSE o.delivered_at END,
     last_error = r.error,
-    lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    lease_owner = NULL, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(attempted)s::int[],
             %(delays)s::float8[], %(errors)s::text[]) AS r(id, state, attempted, delay_s, error)
-WHERE o.id = r.id AND o.state = 'in_flight' AND o.lease_owner = %(owner)s
+WHERE o.id = r.id AND o.state = 'in_flight' AND o.lease_token = %(token)s::bigint
 """
 
 # Hand back claimed rows that were not sent (shutdown, or an earlier row of the same customer
 # failed in this cycle): no attempt counted; they keep their place in the customer's order.
-# Index: primary key. Locks: row locks on the updated rows.
+# Fenced on the claim's token like the outcomes. Index: primary key. Locks: row locks.
 OUTBOX_RELEASE: Final = """
 UPDATE relay_outbox
 SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'pending' END,
     next_attempt_at = greatest(next_attempt_at, now() + %(delay_s)s * interval '1 second'),
-    lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight' AND lease_owner = %(owner)s
+    lease_owner = NULL, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight' AND lease_token = %(token)s::bigint
 """
 
-# Keep a long cycle's remaining rows ours. Index: primary key. Locks: row locks.
+# Shutdown: hand back everything still leased to this relay instance, whatever its claim.
+# Index: relay_outbox_lease_idx (partial: in flight). Locks: row locks.
+OUTBOX_RELEASE_OWNED: Final = """
+UPDATE relay_outbox
+SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'pending' END,
+    lease_owner = NULL, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
+WHERE state = 'in_flight' AND lease_owner = %(owner)s
+"""
+
+# Renew the leases of rows still in flight under our claims, and say which ones we still
+# hold: a row not returned was finished by us meanwhile, or lost (its lease ran out and a
+# rescue took it), and a lost row must not be sent. The array is sorted by the caller so the
+# primary-key scan locks in id order, like the outcome records.
+# Index: primary key (id = ANY). Locks: row locks on the renewed rows.
 OUTBOX_EXTEND_LEASE: Final = """
 UPDATE relay_outbox
 SET lease_expires_at = now() + %(lease_s)s * interval '1 second'
-WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight' AND lease_owner = %(owner)s
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight'
+  AND lease_token = ANY(%(tokens)s::bigint[])
+RETURNING id
 """
 
 # One row per HTTP request. Index: none on the write path (the GIN index on message_ids and the
@@ -191,7 +214,7 @@ UPDATE relay_outbox
 SET state = 'retrying', attempts = attempts + 1, next_attempt_at = now(),
     last_error = 'lease of relay ' || coalesce(lease_owner, '?')
                  || ' expired before it recorded an outcome',
-    lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    lease_owner = NULL, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
 WHERE state = 'in_flight' AND lease_expires_at < now()
 RETURNING id
 """
@@ -239,6 +262,28 @@ GROUP BY state
 DESTINATION_PAUSE: Final = """
 UPDATE relay_destination SET paused_at = now(), paused_reason = %(reason)s, updated_at = now()
 WHERE project_id = %(project_id)s AND write_key = %(write_key)s
+"""
+
+# --- throttling (429) -------------------------------------------------------------------------
+
+# A destination answered 429: no relay sends to it for %(pause_s)s seconds (a later pause
+# already recorded is kept). Index: primary key (ON CONFLICT). Locks: row lock on the
+# destination's throttle row, until commit.
+THROTTLE_SET: Final = """
+INSERT INTO relay_throttle AS t (destination, resume_at, reason)
+VALUES (%(destination)s, now() + %(pause_s)s * interval '1 second', %(reason)s)
+ON CONFLICT (destination) DO UPDATE
+SET resume_at = greatest(t.resume_at, excluded.resume_at),
+    reason = excluded.reason,
+    updated_at = now()
+"""
+
+# Destinations that may not be sent to yet, and for how many more seconds. Read by every
+# relay before it sends (a handful of rows at most). Index: seq scan (tiny table). Locks: none.
+THROTTLE_ACTIVE: Final = """
+SELECT destination, extract(epoch FROM resume_at - now())::float8 AS wait_s
+FROM relay_throttle
+WHERE resume_at > now()
 """
 
 # --- wake-ups ---------------------------------------------------------------------------------
@@ -370,7 +415,8 @@ WITH picked AS (
 )
 UPDATE relay_outbox o
 SET state = 'pending', attempts = 0, next_attempt_at = now(), lease_owner = NULL,
-    lease_expires_at = NULL, requeued_by = %(by)s, requeued_at = now(), updated_at = now()
+    lease_expires_at = NULL, lease_token = NULL, requeued_by = %(by)s, requeued_at = now(),
+    updated_at = now()
 WHERE o.id = ANY(ARRAY(SELECT id FROM picked)) AND o.state = 'dead'
 RETURNING o.id
 """
@@ -389,7 +435,7 @@ WITH picked AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE relay_outbox o
-SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
+SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, lease_token = NULL,
     requeued_by = %(by)s, requeued_at = now(), updated_at = now()
 WHERE o.id = ANY(ARRAY(SELECT id FROM picked)) AND o.state IN ('pending', 'retrying', 'held')
 RETURNING o.id

@@ -4,9 +4,15 @@ Pure functions. The current time and the jitter draw are arguments, so a test ca
 the daemon passes ``datetime.now(UTC)`` and ``random.random()``.
 
 The classification follows Customer.io's official clients (see ``classify``) except where they
-drop data: a 4xx that says nothing about the message is retried, not discarded. Nothing retries
-forever: every message has an attempt limit and an age limit, and ``Retry-After`` is honoured
-but capped, so a broken header cannot park a customer for days.
+drop data: a 4xx that says nothing about the message is retried, not discarded.
+
+A transient failure (5xx, 429, network, timeout) never makes a message dead by itself: the
+relay retries it until its **age** limit (``max_age_s``, a day by default), whatever the number
+of attempts, because an outage of Customer.io says nothing about the message. (A count limit
+made messages dead minutes into an outage: 12 attempts under a 300 s cap add up to about
+1,100 s.) Backoff grows exponentially with full jitter up to ``cap_s`` (minutes, not hours), so
+delivery resumes within one cap of Customer.io coming back. ``Retry-After`` is honoured but
+capped, so a broken header cannot park a customer for days.
 """
 
 from __future__ import annotations
@@ -77,15 +83,14 @@ def classify(status_code: int | None, error_kind: str | None) -> Outcome:
 class RetryPolicy:
     """Limits for retrying one message.
 
-    ``cap_s`` bounds a single backoff, ``max_attempts`` counts every attempt including the first,
-    ``max_age_s`` bounds how long after it was written a message may still be retried, and
+    ``cap_s`` bounds a single backoff, ``max_age_s`` bounds how long after it was written a
+    message may still be retried (the only limit on transient failures), and
     ``retry_after_cap_s`` bounds how long a ``Retry-After`` header can make the relay wait
     (Customer.io's Node client uses the same 300 s).
     """
 
     base_s: float = 1.0
     cap_s: float = 300.0
-    max_attempts: int = 12
     max_age_s: float = 86400.0
     retry_after_cap_s: float = 300.0
 
@@ -101,14 +106,6 @@ class RetryPolicy:
                 or not math.isfinite(value)
             ):
                 raise ValueError(f"RetryPolicy.{name} must be a finite number > 0, got {value!r}")
-        if (
-            isinstance(self.max_attempts, bool)
-            or not isinstance(self.max_attempts, int)
-            or self.max_attempts < 1
-        ):
-            raise ValueError(
-                f"RetryPolicy.max_attempts must be an integer >= 1, got {self.max_attempts!r}"
-            )
 
 
 # Beyond this many doublings any positive float base (the smallest is 2**-1074) exceeds the
@@ -201,15 +198,14 @@ def decide(
     ``age_s`` is how long ago the message was written. ``retry_after_s`` is the parsed
     ``Retry-After`` of the failed response, if any. ``rand`` in [0, 1) is the jitter draw.
 
-    The limits are checked before any delay is computed, so a message at its limit is never
-    scheduled once more. A ``Retry-After`` only lengthens the delay: the server asked for at
-    least that long, and the cap keeps a hostile or broken header from parking the customer's
-    queue for longer than ``retry_after_cap_s``.
+    The age limit is checked before any delay is computed, so a message past it is never
+    scheduled once more; the attempt count only lengthens the backoff. A ``Retry-After``
+    only lengthens the delay: the server asked for at least that long, and the cap keeps a
+    hostile or broken header from parking the customer's queue for longer than
+    ``retry_after_cap_s``.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1 (it includes the failed one), got {attempts!r}")
-    if attempts >= policy.max_attempts:
-        return RetryDecision(dead=True, delay_s=0.0, reason=f"gave up after {attempts} attempts")
     if age_s >= policy.max_age_s:
         return RetryDecision(
             dead=True,

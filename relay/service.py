@@ -1,16 +1,21 @@
-"""Running the relay: APScheduler jobs, the LISTEN wake-up, signals, and drain mode.
+"""Running the relay: one delivery loop, the scheduled maintenance, LISTEN, signals.
 
-Jobs (APScheduler ``BackgroundScheduler``):
+``relay run`` and ``relay run --drain`` run the same ``DeliveryLoop``: claim and send until
+nothing is claimable, then wait for a notification (the outbox trigger's NOTIFY, through
+``Listener``) or the poll interval, whichever comes first. The interval is the fallback for
+poolers in transaction mode, which drop LISTEN. A drain returns once nothing is pending,
+retrying or in flight (held messages are reported, not waited for).
 
-- ``deliver`` every poll interval (one worker thread): cycles until nothing is claimable and no
-  wake-up arrived meanwhile. A notification (the outbox trigger's NOTIFY) runs it at once, so a
-  message committed while the relay is idle goes out within milliseconds; the interval is the
-  fallback for poolers in transaction mode, which drop LISTEN.
-- ``rescue`` every lease/3: rows whose lease expired become claimable again.
-- ``release_held`` every 5 s: held rows whose destination became usable go back to the queue
-  (this also refreshes the destinations table).
-- ``metrics`` every 5 s: backlog gauges.
-- ``retention`` hourly, when RELAY_RETENTION_DAYS is set.
+APScheduler runs only the periodic maintenance, each job on an executor of its own kind so a
+long purge or VACUUM never delays lease rescue:
+
+- ``rescue`` (executor ``rescue``) every lease/3, at most 5 s: rows whose lease expired
+  become claimable again.
+- ``release_held`` and ``metrics`` (executor ``default``) every 5 s.
+- ``vacuum`` and ``retention`` (executor ``slow``).
+
+The relay's own lease renewal is not a job: it runs on a thread of its own
+(``relay.lease.LeaseKeeper``), so nothing the scheduler does can delay it.
 
 SIGTERM/SIGINT: stop taking work, let the request in flight finish and be recorded, hand back
 what is still claimed, exit 0.
@@ -84,65 +89,91 @@ def _guard(name: str, fn: Any) -> Any:
     return job
 
 
-class Service:
-    """``relay run``: the scheduled daemon."""
+class DeliveryLoop:
+    """Claim and send until stopped (or, for a drain, until nothing is left to send).
+
+    A database outage is one log line and a wait; any other error is logged with its
+    traceback and the loop goes on: one bad cycle never stops delivery for everyone.
+    """
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.totals = CycleResult()
-        self._delivering = threading.Lock()
+        self.last_cycle_at = time.monotonic()
+        # Set while the loop waits for a notification or the poll interval (nothing claimable).
+        self.idle = threading.Event()
+
+    def run(self, *, until_idle: bool = False, deadline: float | None = None) -> bool:
+        relay = self.relay
+        poll = relay.settings.poll_interval_s
+        while not relay.stopping.is_set():
+            self.last_cycle_at = time.monotonic()
+            try:
+                relay.wakeup.clear()
+                result = relay.deliver_once()
+                self.totals.add(result)
+                if result.claimed:
+                    continue
+                if until_idle and relay.count_active()[0] == 0:
+                    return True
+            except DatabaseUnavailable as exc:
+                # A restart or a terminated backend: reconnect on the next turn; what we had
+                # in flight is rescued when its lease expires.
+                log.error("deliver: %s", exc)
+            except Exception:
+                log.exception("deliver failed")
+            wait = poll
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait = min(wait, left)
+            self.idle.set()
+            relay.wakeup.wait(wait)
+            self.idle.clear()
+        return False
+
+
+class Service:
+    """The relay as a process: the delivery loop, the scheduler, the listener."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.loop = DeliveryLoop(relay)
         self.scheduler = BackgroundScheduler(
             executors={
                 "default": ThreadPoolExecutor(1),
-                "deliver": ThreadPoolExecutor(1),
+                "rescue": ThreadPoolExecutor(1),
+                "slow": ThreadPoolExecutor(1),
             },
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
-        self.listener = Listener(relay, self._notified)
+        self.listener = Listener(relay, relay.wake)
+        self._thread: threading.Thread | None = None
 
-    def _notified(self) -> None:
-        self.relay.wake()
-        if not self._delivering.locked():
-            job = self.scheduler.get_job("deliver")
-            if job is not None:
-                job.modify(next_run_time=datetime.now(UTC))
+    @property
+    def totals(self) -> CycleResult:
+        return self.loop.totals
 
-    def deliver(self) -> None:
-        with self._delivering:
-            while not self.relay.stopping.is_set():
-                self.relay.wakeup.clear()
-                result = self.relay.deliver_once()
-                self.totals.add(result)
-                if result.claimed == 0 and not self.relay.wakeup.is_set():
-                    return
-
-    def start(self) -> None:
+    def start_maintenance(self) -> None:
         s = self.relay.settings
-        self.relay.refresh_destinations()
         sch = self.scheduler
-        sch.add_job(
-            _guard("deliver", self.deliver),
-            "interval",
-            seconds=s.poll_interval_s,
-            id="deliver",
-            executor="deliver",
-            # A wake-up that lands after a run has finished its loop but before APScheduler has
-            # counted it finished would be skipped with max_instances=1 and wait a whole poll
-            # interval. Two instances on a one-thread executor queue it instead; the
-            # _delivering lock keeps runs one at a time.
-            max_instances=2,
-            next_run_time=datetime.now(UTC),
-        )
+        now = datetime.now(UTC)
         sch.add_job(
             _guard("rescue", self.relay.rescue),
             "interval",
-            seconds=max(0.5, s.lease_s / 3),
+            seconds=max(0.2, min(5.0, s.lease_s / 3)),
             id="rescue",
-            next_run_time=datetime.now(UTC),
+            executor="rescue",
+            next_run_time=now,
         )
         sch.add_job(
-            _guard("release_held", self.relay.release_held), "interval", seconds=5, id="release"
+            _guard("release_held", self.relay.release_held),
+            "interval",
+            seconds=5,
+            id="release",
+            next_run_time=now,
         )
         if s.vacuum_interval_s > 0:
             sch.add_job(
@@ -150,6 +181,7 @@ class Service:
                 "interval",
                 seconds=max(1.0, s.vacuum_interval_s / 2),
                 id="vacuum",
+                executor="slow",
             )
         sch.add_job(
             _guard("metrics", self.relay.refresh_metrics), "interval", seconds=5, id="metrics"
@@ -163,14 +195,23 @@ class Service:
                 "interval",
                 hours=1,
                 id="retention",
+                executor="slow",
             )
         sch.start()
         self.listener.start()
 
+    def start(self) -> None:
+        self.relay.refresh_destinations()
+        self.start_maintenance()
+        self._thread = threading.Thread(target=self.loop.run, name="relay-deliver", daemon=True)
+        self._thread.start()
+
     def stop(self) -> None:
         self.relay.stopping.set()
         self.relay.wake()
-        # wait=True: the request in flight finishes and is recorded before we go on.
+        # The request in flight finishes and is recorded before we go on.
+        if self._thread is not None:
+            self._thread.join()
         self.scheduler.shutdown(wait=True)
         self.listener.join(timeout=2.0)
         try:
@@ -214,56 +255,28 @@ class Service:
 def drain(relay: Relay, timeout_s: float | None) -> tuple[bool, CycleResult]:
     """Deliver until nothing is pending, retrying or in flight; False if ``timeout_s`` passed.
 
+    The same loop as ``relay run``, on the caller's thread, with the same maintenance jobs.
     Held messages (no usable destination) are not waited for: they are reported.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    totals = CycleResult()
-    stop = threading.Event()
+    service = Service(relay)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         relay.stopping.set()
-        stop.set()
+        relay.wake()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    listener = Listener(relay, relay.wake)
-    listener.start()
-    last_services = 0.0
     try:
-        while not relay.stopping.is_set():
-            try:
-                now = time.monotonic()
-                if now - last_services >= min(1.0, relay.settings.lease_s / 3):
-                    relay.rescue()
-                    relay.release_held()
-                    relay.vacuum_if_needed()
-                    last_services = now
-                relay.wakeup.clear()
-                result = relay.deliver_once()
-                totals.add(result)
-                if result.claimed:
-                    continue
-                active, _held = relay.count_active()
-            except DatabaseUnavailable as exc:
-                # A restart or a terminated backend: reconnect on the next turn; what we had
-                # in flight is rescued when its lease expires.
-                log.error("drain: %s", exc)
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False, totals
-                relay.stopping.wait(relay.settings.poll_interval_s)
-                continue
-            if active == 0:
-                return True, totals
-            if deadline is not None and time.monotonic() >= deadline:
-                return False, totals
-            wait = relay.settings.poll_interval_s
-            if deadline is not None:
-                wait = max(0.0, min(wait, deadline - time.monotonic()))
-            relay.wakeup.wait(wait)
-        return False, totals
+        service.start_maintenance()
+        ok = service.loop.run(until_idle=True, deadline=deadline)
+        return ok, service.totals
     finally:
         relay.stopping.set()
+        relay.wake()
+        if service.scheduler.running:
+            service.scheduler.shutdown(wait=True)
         with contextlib.suppress(DatabaseUnavailable):
             relay.release_all()
         relay.close()

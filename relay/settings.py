@@ -6,6 +6,7 @@ field excluded from ``repr`` and is never part of an error message.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -29,7 +30,6 @@ class Settings:
     poll_interval_s: float = 1.0
     lease_s: float = 30.0
     http_timeout_s: float = 10.0
-    max_attempts: int = 12
     max_age_s: float = 86400.0
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
@@ -80,9 +80,8 @@ class Settings:
             raise ConfigError("RELAY_VACUUM_SECONDS and RELAY_VACUUM_MIN_DEAD must be >= 0")
         if not 1 <= self.concurrency <= 64:
             raise ConfigError("RELAY_CONCURRENCY must be between 1 and 64")
-        for name in ("batch_size", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_ENV_OF[name]} must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError("RELAY_BATCH_SIZE must be at least 1")
         if self.batch_size > 10_000:
             raise ConfigError("RELAY_BATCH_SIZE must be at most 10000")
         for name in (
@@ -123,7 +122,6 @@ _ENV_OF = {
     "poll_interval_s": "RELAY_POLL_INTERVAL",
     "lease_s": "RELAY_LEASE_SECONDS",
     "http_timeout_s": "RELAY_HTTP_TIMEOUT",
-    "max_attempts": "RELAY_MAX_ATTEMPTS",
     "max_age_s": "RELAY_MAX_AGE_SECONDS",
     "backoff_base_s": "RELAY_BACKOFF_BASE",
     "backoff_cap_s": "RELAY_BACKOFF_CAP",
@@ -141,6 +139,13 @@ _ENV_OF = {
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from environment variables (see README: Configuration)."""
     env = os.environ if env is None else env
+    if (env.get("RELAY_MAX_ATTEMPTS") or "").strip():
+        # Removed: a count of transient failures said nothing about the message, and made
+        # messages dead minutes into an outage. Only the age limit ends retries now.
+        logging.getLogger("relay").warning(
+            "RELAY_MAX_ATTEMPTS is ignored: transient failures are retried until "
+            "RELAY_MAX_AGE_SECONDS"
+        )
     values: dict[str, Any] = {}
     types = {f.name: f.type for f in fields(Settings)}
     for name, var in _ENV_OF.items():

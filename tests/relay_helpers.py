@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,3 +102,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, every: floa
 
 def make_relay(dsn: str, cio: FakeCustomerIO, **kw: Any) -> Relay:
     return Relay(settings_for(cio, **kw), dsn, rand=lambda: 1.0 - 1e-9)
+
+
+def relay_env(dsn: str, url: str, *, key: str = KEY, **extra: str) -> dict[str, str]:
+    """The environment of a `relay` process: this test's database and fake Customer.io, fast
+    polling and backoff, and nothing inherited from the caller's RELAY_*/CUSTOMERIO_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUSTOMERIO_", "RELAY_"))}
+    env.update(
+        DATABASE_URL=dsn,
+        CUSTOMERIO_WRITE_KEY=key,
+        CUSTOMERIO_API_URL=url,
+        RELAY_POLL_INTERVAL="0.2",
+        RELAY_BACKOFF_BASE="0.05",
+        RELAY_BACKOFF_CAP="0.2",
+    )
+    env.update(extra)
+    return env

@@ -169,6 +169,7 @@ def test_status_reported_faithfully(
     assert result.error is None
     assert result.retry_after == retry_after
     assert result.response_snippet == body.decode()
+    assert result.body_complete is True
     assert result.latency_s >= 0
     assert_result_has_no_key(result)
 
@@ -187,6 +188,61 @@ def test_key_echoed_by_server_is_redacted_from_snippet() -> None:
     assert_result_has_no_key(result)
     assert KEY[:10] not in result.response_snippet
     assert result.response_snippet == "a" * 490 + "[redacted]"
+
+
+class BreaksOff(httpx.SyncByteStream):
+    """A response body whose connection fails after ``sent`` has arrived."""
+
+    def __init__(self, sent: bytes, exc: httpx.RequestError) -> None:
+        self.sent = sent
+        self.exc = exc
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.sent
+        raise self.exc
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ReadTimeout("the 10 s request deadline passed during read"),
+        httpx.ReadError("connection reset by peer"),
+        httpx.RemoteProtocolError("peer closed connection without sending complete body"),
+    ],
+)
+def test_a_body_that_breaks_off_keeps_the_status(
+    exc: httpx.RequestError, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="relay.client")
+    stream = BreaksOff(b'{"par', exc)
+    with make_client(lambda request: httpx.Response(200, stream=stream)) as client:
+        result = client.send_batch(ITEMS)
+    assert result.status_code == 200
+    assert result.error_kind is None
+    assert result.error is None
+    assert result.body_complete is False
+    assert result.response_snippet == '{"par'
+    assert stream.closed
+    assert "body incomplete" in caplog.text
+    assert type(exc).__name__ in caplog.text
+
+
+def test_send_result_body_complete_defaults_to_true() -> None:
+    result = SendResult(
+        status_code=200,
+        error_kind=None,
+        error=None,
+        retry_after=None,
+        response_snippet="{}",
+        latency_s=0.1,
+        request_bytes=10,
+        started_at=datetime.now(UTC),
+    )
+    assert result.body_complete is True
 
 
 # --- transport failures -------------------------------------------------------------------
@@ -224,6 +280,7 @@ def test_transport_errors_map_to_error_kind(exc_type: type[httpx.RequestError], 
     assert result.error == f"{exc_type.__name__}: peer went away"
     assert result.retry_after is None
     assert result.response_snippet == ""
+    assert result.body_complete is True
     assert result.request_bytes > 0
     assert result.latency_s >= 0
 

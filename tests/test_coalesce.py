@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -70,17 +70,17 @@ def test_interleaved_identifies_and_tracks_become_one_identify_then_the_tracks()
 
     plan = coalesce(rows)
 
-    carrier = rows[-2]
-    assert carrier.row_id == 19
     expected_traits: dict[str, Any] = {}
     for row in rows:
         if row.kind == "identify":
             expected_traits.update(row.body["traits"])
 
+    # The first identify carries the merge: it is already first in write order, so a retry
+    # of the same rows sends them in the same order.
     first = plan.send[0]
-    assert first.row_id == 19
+    assert first.row_id == 1
     assert first.body["type"] == "identify"
-    assert first.body["messageId"] == "msg-19"
+    assert first.body["messageId"] == "msg-1"
     assert first.body["userId"] == "cust-1"
     assert first.body["traits"] == expected_traits
     # The newest nested object wins whole: no deep merge.
@@ -89,9 +89,27 @@ def test_interleaved_identifies_and_tracks_become_one_identify_then_the_tracks()
 
     assert sent_ids(plan)[1:] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
     assert [out.body for out in plan.send[1:]] == [row.body for row in rows if row.kind == "track"]
-    assert plan.coalesced_into == {n: 19 for n in (1, 3, 5, 7, 9, 11, 13, 15, 17)}
-    assert plan.rewritten == {19: first.body}
+    assert plan.coalesced_into == {n: 1 for n in (3, 5, 7, 9, 11, 13, 15, 17, 19)}
+    assert plan.rewritten == {1: first.body}
     assert_every_row_once(rows, plan)
+
+
+def test_a_retry_of_an_attempted_carrier_keeps_it_before_the_tracks() -> None:
+    # The reported break: the merged identify went out first, its request failed, and the
+    # retry sent the attempted rows in write order with the carrier (then the last identify)
+    # after three tracks. With the first identify as carrier the order survives the retry.
+    rows = [identify(1, {"email": "a@x"}), track(2), identify(3, {"name": "A"}), track(4)]
+    first = coalesce(rows)
+    assert sent_ids(first) == [1, 2, 4]
+    carrier = first.send[0]
+    retried = [
+        Claimed(1, "identify", carrier.body, 1),
+        Claimed(2, "track", rows[1].body, 1),
+        Claimed(4, "track", rows[3].body, 1),
+    ]
+    again = coalesce(retried)
+    assert sent_ids(again) == [1, 2, 4]
+    assert again.send[0].body["traits"] == {"email": "a@x", "name": "A"}
 
 
 def test_newest_timestamp_is_compared_as_an_instant_and_kept_as_written() -> None:
@@ -106,29 +124,29 @@ def test_newest_timestamp_is_compared_as_an_instant_and_kept_as_written() -> Non
     assert plan.send[0].body["traits"] == {"a": 2, "b": 3}
 
 
-def test_merged_body_keeps_the_carriers_other_keys() -> None:
-    older = identify(1, {"a": 1})
-    carrier = identify(2, {"b": 2})
-    carrier_body = dict(carrier.body, context={"ip": "203.0.113.7"})
-    carrier = Claimed(row_id=2, kind="identify", body=carrier_body, attempts=0)
-    body = coalesce([older, carrier]).send[0].body
+def test_merged_body_takes_the_newest_context_under_the_carriers_message_id() -> None:
+    carrier = identify(1, {"a": 1})
+    newest = identify(2, {"b": 2})
+    newest_body = dict(newest.body, context={"ip": "203.0.113.7"})
+    newest = Claimed(row_id=2, kind="identify", body=newest_body, attempts=0)
+    body = coalesce([carrier, newest]).send[0].body
     assert body["context"] == {"ip": "203.0.113.7"}
-    assert body["messageId"] == "msg-2"
+    assert body["messageId"] == "msg-1"
 
 
 def test_merged_body_is_json_encodable() -> None:
     plan = coalesce([identify(1, {"a": 1}), identify(2, {"b": 2})])
     assert json.loads(json.dumps(plan.send[0].body))["traits"] == {"a": 1, "b": 2}
-    assert json.loads(json.dumps(plan.rewritten[2]))["traits"] == {"a": 1, "b": 2}
+    assert json.loads(json.dumps(plan.rewritten[1]))["traits"] == {"a": 1, "b": 2}
 
 
-def test_attempted_rows_go_first_untouched() -> None:
+def test_attempted_rows_are_sent_as_they_are_and_only_later_identifies_merge() -> None:
     attempted_identify = identify(1, {"plan": "free"}, attempts=2)
     attempted_track = track(2, attempts=1)
     rows = [
         attempted_identify,
-        identify(3, {"plan": "pro"}),
         attempted_track,
+        identify(3, {"plan": "pro"}),
         track(4),
         identify(5, {"seats": 3}),
     ]
@@ -137,12 +155,21 @@ def test_attempted_rows_go_first_untouched() -> None:
     assert plan.send[0] == Outgoing(1, attempted_identify.body)
     assert plan.send[1] == Outgoing(2, attempted_track.body)
     assert plan.send[0].body is attempted_identify.body
-    assert sent_ids(plan) == [1, 2, 5, 4]
+    assert sent_ids(plan) == [1, 2, 3, 4]
     # The attempted identify's traits are not folded into the fresh one either.
     assert plan.send[2].body["traits"] == {"plan": "pro", "seats": 3}
-    assert plan.coalesced_into == {3: 5}
-    assert set(plan.rewritten) == {5}
+    assert plan.coalesced_into == {5: 3}
+    assert set(plan.rewritten) == {3}
     assert_every_row_once(rows, plan)
+
+
+def test_a_fresh_identify_before_an_attempted_row_is_not_merged() -> None:
+    # Only an operator's re-queue makes a fresh row precede an attempted one; merging across
+    # the attempted row could send older traits after newer ones.
+    rows = [identify(1, {"a": 1}), identify(2, {"a": 2}, attempts=1), identify(3, {"a": 3})]
+    plan = coalesce(rows)
+    assert sent_ids(plan) == [1, 2, 3]
+    assert plan.coalesced_into == {}
 
 
 def test_only_attempted_rows_are_sent_as_they_are() -> None:
@@ -157,12 +184,12 @@ def test_only_attempted_rows_are_sent_as_they_are() -> None:
     assert plan.rewritten == {}
 
 
-def test_single_identify_is_moved_first_not_rewritten() -> None:
+def test_a_single_identify_keeps_its_place_in_write_order() -> None:
     only = identify(3, {"a": 1})
     rows = [track(1), track(2), only, track(4)]
     plan = coalesce(rows)
-    assert sent_ids(plan) == [3, 1, 2, 4]
-    assert plan.send[0].body is only.body
+    assert sent_ids(plan) == [1, 2, 3, 4]
+    assert plan.send[2].body is only.body
     assert plan.rewritten == {}
     assert plan.coalesced_into == {}
 
@@ -171,15 +198,15 @@ def test_identifies_that_change_nothing_are_coalesced_without_a_rewrite() -> Non
     same_at = ts(0)
     rows = [identify(1, {"a": 1}, at=same_at), identify(2, {"a": 1}, at=same_at)]
     plan = coalesce(rows)
-    assert sent_ids(plan) == [2]
-    assert plan.coalesced_into == {1: 2}
+    assert sent_ids(plan) == [1]
+    assert plan.coalesced_into == {2: 1}
     assert plan.rewritten == {}
 
 
 def test_no_identifies_keeps_everything_in_order() -> None:
     rows = [track(1), track(2, attempts=1), track(3)]
     plan = coalesce(rows)
-    assert sent_ids(plan) == [2, 1, 3]
+    assert sent_ids(plan) == [1, 2, 3]
     assert plan.coalesced_into == {}
     assert plan.rewritten == {}
 
@@ -284,30 +311,26 @@ def test_any_interleaving(specs: list[tuple[str, dict[str, Any], int, int]]) -> 
     plan = coalesce(rows)
     assert_every_row_once(rows, plan)
 
-    attempted = [row for row in rows if row.attempts > 0]
-    fresh = [row for row in rows if row.attempts == 0]
-    fresh_identifies = [row for row in fresh if row.kind == "identify"]
+    # Everything goes out in write order (coalesced identifies left out).
+    assert sent_ids(plan) == sorted(sent_ids(plan))
+    last_attempted = max((n for n, row in enumerate(rows) if row.attempts > 0), default=-1)
+    before, after = rows[: last_attempted + 1], rows[last_attempted + 1 :]
+    # Rows up to the last attempted one go byte for byte.
+    by_id = {out.row_id: out for out in plan.send}
+    for row in before:
+        assert by_id[row.row_id].body is row.body
+    fresh_identifies = [row for row in after if row.kind == "identify"]
+    for row in after:
+        if row.kind == "track":
+            assert by_id[row.row_id].body is row.body
 
-    # Attempted rows first, in order, byte for byte.
-    head = plan.send[: len(attempted)]
-    assert head == tuple(Outgoing(row.row_id, row.body) for row in attempted)
-
-    # Then the fresh tracks (and anything else) keep their relative order.
-    kind_of: dict[int, Literal["identify", "track"]] = {row.row_id: row.kind for row in rows}
-    fresh_tracks = [row.row_id for row in fresh if row.kind == "track"]
-    sent_tracks = [
-        out.row_id for out in plan.send[len(attempted) :] if kind_of[out.row_id] == "track"
-    ]
-    assert sent_tracks == fresh_tracks
-
-    if not fresh_identifies:
+    if len(fresh_identifies) < 2:
         assert plan.coalesced_into == {}
         assert plan.rewritten == {}
         return
 
-    carrier = fresh_identifies[-1]
-    merged = plan.send[len(attempted)]
-    assert merged.row_id == carrier.row_id
+    carrier = fresh_identifies[0]
+    merged = by_id[carrier.row_id]
     assert merged.body["messageId"] == carrier.body["messageId"]
 
     # Sending the identifies one by one leaves exactly these traits in Customer.io.
@@ -319,10 +342,26 @@ def test_any_interleaving(specs: list[tuple[str, dict[str, Any], int, int]]) -> 
     newest = max(datetime.fromisoformat(row.body["timestamp"]) for row in fresh_identifies)
     assert datetime.fromisoformat(merged.body["timestamp"]) == newest
 
-    assert plan.coalesced_into == {row.row_id: carrier.row_id for row in fresh_identifies[:-1]}
+    assert plan.coalesced_into == {row.row_id: carrier.row_id for row in fresh_identifies[1:]}
     if carrier.row_id in plan.rewritten:
         assert plan.rewritten[carrier.row_id] == merged.body
         assert merged.body != carrier.body
     else:
         assert merged.body == carrier.body
     assert set(plan.rewritten) <= {carrier.row_id}
+
+    # The guarantee itself: every track follows an identify holding every trait written
+    # before it (each identify's traits reach Customer.io at or before its own position).
+    held: dict[str, Any] = {}
+    written: dict[str, Any] = {}
+    sent = iter(plan.send)
+    for row in rows:
+        if row.kind == "identify":
+            written.update(row.body["traits"])
+        if row.row_id in by_id:
+            out = next(sent)
+            assert out.row_id == row.row_id
+            if row.kind == "identify":
+                held.update(out.body.get("traits", {}))
+        if row.kind == "track":
+            assert set(written) <= set(held)

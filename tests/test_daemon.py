@@ -65,7 +65,7 @@ def test_ten_events_for_one_customer_send_one_identify_then_ten_tracks(
         " WHERE kind = 'identify' ORDER BY id",
     )
     carrier = [r for r in rows if r[2] == "delivered"]
-    assert len(carrier) == 1 and carrier[0][0] == rows[-1][0]  # the last identify carried it
+    assert len(carrier) == 1 and carrier[0][0] == rows[0][0]  # the first identify carried it
     assert identify["messageId"] == carrier[0][5]
     merged = [r for r in rows if r[2] == "coalesced"]
     assert len(merged) == 9 and all(r[3] == carrier[0][0] for r in merged)
@@ -231,14 +231,15 @@ def test_no_destination_holds_messages_until_one_is_configured(
     assert states(dsn) == {"delivered": 2}
 
 
-def test_attempt_limit_makes_a_message_dead(dsn: str, cio: FakeCustomerIO) -> None:
+def test_the_age_limit_makes_a_failing_message_dead(dsn: str, cio: FakeCustomerIO) -> None:
     cio.set_fault_rates({"500": 1.0}, seed=1)
     write_events(dsn, [funnel_event("cus_1", 0)])
-    run_drain(make_relay(dsn, cio, max_attempts=3))
+    relay = make_relay(dsn, cio, max_age_s=1.0)
+    run_drain(relay)
     assert states(dsn) == {"dead": 2}
-    errors = query(dsn, "SELECT DISTINCT attempts, last_error FROM relay_outbox")
-    assert errors[0][0] == 3 and "gave up after 3 attempts" in errors[0][1]
-    assert [r[1] for r in attempts(dsn)] == ["retry"] * 3
+    errors = query(dsn, "SELECT DISTINCT last_error FROM relay_outbox")
+    assert "HTTP 500" in errors[0][0] and "message age" in errors[0][0]
+    assert {r[1] for r in attempts(dsn)} == {"retry"}
 
 
 def test_oversize_message_never_reaches_the_network(dsn: str, cio: FakeCustomerIO) -> None:
@@ -261,7 +262,8 @@ def test_oversize_message_never_reaches_the_network(dsn: str, cio: FakeCustomerI
     dead = query(
         dsn, "SELECT message_id, attempts, last_error FROM relay_outbox WHERE state = 'dead'"
     )
-    assert dead == [("m-big", 0, "message is over Customer.io's 32768-byte limit")]
+    assert len(dead) == 1 and dead[0][:2] == ("m-big", 0)
+    assert dead[0][2].startswith("message is 400") and "32768-byte limit" in dead[0][2]
     assert "m-big" not in cio.accepted_message_ids()
     assert states(dsn) == {"dead": 1, "delivered": 2}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from tests.relay_helpers import (
     wait_until,
     write_events,
 )
+from tests.relay_helpers import relay_env as helpers_relay_env
 
 
 @pytest.fixture
@@ -35,17 +35,7 @@ def cio() -> Iterator[FakeCustomerIO]:
 
 
 def relay_env(dsn: str, cio: FakeCustomerIO, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUSTOMERIO_", "RELAY_"))}
-    env.update(
-        DATABASE_URL=dsn,
-        CUSTOMERIO_WRITE_KEY=KEY,
-        CUSTOMERIO_API_URL=cio.url,
-        RELAY_POLL_INTERVAL="0.2",
-        RELAY_BACKOFF_BASE="0.05",
-        RELAY_BACKOFF_CAP="0.2",
-    )
-    env.update(extra)
-    return env
+    return helpers_relay_env(dsn, cio.url, **extra)
 
 
 def start_relay(dsn: str, cio: FakeCustomerIO, *args: str, **extra: str) -> subprocess.Popen[str]:
@@ -68,7 +58,7 @@ def test_committed_event_is_delivered_within_a_second_by_an_idle_relay(
     try:
         assert wait_until(lambda: service.listener.connected.is_set(), timeout=5)
         # let the first (immediate) deliver run finish so the relay is idle
-        assert wait_until(lambda: not service._delivering.locked(), timeout=5)
+        assert wait_until(service.loop.idle.is_set, timeout=5)
         latencies = []
         for n in range(3):
             t0 = time.monotonic()
@@ -86,9 +76,7 @@ def test_three_relays_keep_every_customers_order(dsn: str, cio: FakeCustomerIO) 
     customers = [f"cus_{i}" for i in range(40)]
     # interleaved writes: each customer's events are written in order n = 0..7
     write_events(dsn, [funnel_event(c, n) for n in range(8) for c in customers])
-    relays = [
-        make_relay(dsn, cio, instance=f"r{i}", batch_size=7, max_attempts=50) for i in range(3)
-    ]
+    relays = [make_relay(dsn, cio, instance=f"r{i}", batch_size=7) for i in range(3)]
     results: list[Any] = []
     threads = [threading.Thread(target=lambda r=r: results.append(drain(r, 60))) for r in relays]
     for t in threads:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -395,6 +396,168 @@ def test_slow_fault_times_the_client_out_but_stores_the_items(cio: FakeCustomerI
     assert cio.fault_counts == {"slow": 1}
 
 
+def test_timeout_edge_answers_after_edge_s_and_stores_the_items(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    cio.edge_s = 0.3
+    cio.script(["timeout_edge"])
+    started = time.monotonic()
+
+    response = client.post("/v1/batch", json=batch(identify(messageId="edge")))
+
+    assert response.status_code == 200
+    assert time.monotonic() - started >= 0.3
+    assert cio.accepted_message_ids() == ["edge"]
+    assert [(r.status, r.fault) for r in cio.requests] == [(200, "timeout_edge")]
+
+
+def test_timeout_edge_past_the_client_deadline_is_a_timeout_yet_stored(
+    cio: FakeCustomerIO,
+) -> None:
+    cio.edge_s = 0.4
+    cio.script(["timeout_edge"])
+
+    with (
+        http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT, timeout=0.2) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        c.post("/v1/batch", json=batch(identify(messageId="late-edge")))
+
+    assert cio.wait_for(lambda: cio.accepted_message_ids() == ["late-edge"], timeout=5.0)
+
+
+def test_trickle_sends_200_at_once_then_a_body_that_never_completes(
+    cio: FakeCustomerIO,
+) -> None:
+    cio.trickle_s = 0.6
+    cio.trickle_interval_s = 0.1
+    cio.script(["trickle"])
+    received = bytearray()
+    started = time.monotonic()
+
+    with (
+        http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT, timeout=5.0) as c,
+        c.stream("POST", "/v1/batch", json=batch(identify(messageId="t1"))) as response,
+    ):
+        headers_after = time.monotonic() - started
+        assert response.status_code == 200
+        # The items are stored before the answer starts.
+        assert cio.accepted_message_ids() == ["t1"]
+        declared = int(response.headers["content-length"])
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in response.iter_raw():
+                received.extend(chunk)
+
+    assert headers_after < 0.3
+    assert 1 <= len(received) < declared
+    assert bytes(received) == (b"{}" + b" " * 64)[: len(received)]
+    assert time.monotonic() - started >= 0.5
+    assert [(r.status, r.fault) for r in cio.requests] == [(200, "trickle")]
+
+
+def test_the_relay_client_counts_a_trickled_200_as_delivered(cio: FakeCustomerIO) -> None:
+    from relay.client import CustomerIOClient, Destination
+
+    cio.trickle_s = 3.0
+    cio.trickle_interval_s = 0.2
+    cio.script(["trickle"])
+    item = json.dumps(identify(messageId="t2"), separators=(",", ":")).encode()
+
+    with CustomerIOClient(Destination("default", cio.url, KEY), timeout_s=0.5) as client:
+        started = time.monotonic()
+        result = client.send_batch([item])
+
+    assert result.status_code == 200
+    assert result.body_complete is False
+    assert time.monotonic() - started < 1.5  # the deadline, not the trickle, ends it
+    assert cio.accepted_message_ids() == ["t2"]
+
+
+def test_trickle_answers_a_refused_request_normally(cio: FakeCustomerIO) -> None:
+    cio.script(["trickle"])
+    with http_client(base_url=cio.url, auth=("wrong", ""), headers=STRICT, timeout=2.0) as c:
+        response = c.post("/v1/batch", json=batch(identify()))
+
+    assert response.status_code == 401
+    assert cio.accepted == []
+
+
+def test_hang_reads_the_request_and_never_answers(cio: FakeCustomerIO) -> None:
+    cio.hang_s = 0.5
+    cio.script(["hang"])
+
+    with (
+        http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT, timeout=0.2) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        c.post("/v1/batch", json=batch(identify(messageId="hung")))
+
+    assert cio.requests_arrived == 1
+    assert cio.wait_for(lambda: len(cio.requests) == 1, timeout=5.0)
+    assert [(r.status, r.fault) for r in cio.requests] == [(NO_RESPONSE, "hang")]
+    assert cio.accepted == []
+
+
+def test_reset_closes_the_connection_with_rst(cio: FakeCustomerIO, client: httpx.Client) -> None:
+    cio.script(["reset", "ok"])
+
+    with pytest.raises(httpx.ReadError, match="reset"):
+        client.post("/v1/batch", json=batch(identify(messageId="gone")))
+    after = client.post("/v1/batch", json=batch(identify("after", messageId="after")))
+
+    assert after.status_code == 200
+    assert cio.accepted_message_ids() == ["after"]
+    assert [(r.status, r.fault) for r in cio.requests] == [(NO_RESPONSE, "reset"), (200, None)]
+
+
+def arrived(cio: FakeCustomerIO, n: int) -> bool:
+    return cio.requests_arrived == n
+
+
+def test_stop_is_prompt_with_hanging_and_trickling_connections(cio: FakeCustomerIO) -> None:
+    cio.hang_s = 30.0
+    cio.trickle_s = 30.0
+    cio.trickle_interval_s = 1.0
+    cio.slow_s = 30.0
+    cio.edge_s = 30.0
+    cio.script(["hang", "trickle", "slow", "timeout_edge"])
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def post(n: int) -> None:
+        with http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT, timeout=60.0) as c:
+            try:
+                c.post("/v1/batch", json=batch(identify(f"u{n}")))
+                outcome = "answered"
+            except httpx.TransportError as exc:
+                outcome = type(exc).__name__
+        with lock:
+            outcomes.append(outcome)
+
+    posters = []
+    for n in range(4):
+        posters.append(threading.Thread(target=post, args=(n,)))
+        posters[-1].start()
+        # One at a time, so the script's faults go to the requests in this order.
+        assert cio.wait_for(partial(arrived, cio, n + 1), timeout=5.0)
+    assert cio.wait_for(lambda: len(cio.requests) == 1, timeout=5.0)  # trickle's 200 recorded
+    started = time.monotonic()
+    cio.stop()
+    for poster in posters:
+        poster.join(timeout=5.0)
+
+    assert time.monotonic() - started < 1.5
+    assert len(outcomes) == 4 and "answered" not in outcomes
+    # Only the trickle had stored its items (before answering); the rest were abandoned.
+    assert cio.accepted_items() == [identify("u1")]
+    assert sorted((r.fault or "", r.status) for r in cio.requests) == [
+        ("hang", NO_RESPONSE),
+        ("slow", NO_RESPONSE),
+        ("timeout_edge", NO_RESPONSE),
+        ("trickle", 200),
+    ]
+
+
 def test_latency_is_added_to_every_request(cio: FakeCustomerIO, client: httpx.Client) -> None:
     cio.latency_s = 0.05
     started = time.monotonic()
@@ -421,6 +584,55 @@ def test_random_faults_with_a_seed_are_reproducible() -> None:
     assert first != other
     assert {"429", "drop", "slow", None} <= set(first)
     assert set(first) & {"500", "502", "503"}
+
+
+def test_random_draws_include_the_connection_faults() -> None:
+    kinds = {"trickle": 0.2, "timeout_edge": 0.2, "hang": 0.2, "reset": 0.2}
+    with FakeCustomerIO(
+        write_keys={KEY}, edge_s=0.0, trickle_s=0.02, trickle_interval_s=0.01, hang_s=0.02
+    ) as server:
+        server.set_fault_rates(kinds, seed=5)
+        with http_client(base_url=server.url, auth=(KEY, ""), headers=STRICT, timeout=2.0) as c:
+            for _ in range(40):
+                with contextlib.suppress(httpx.TransportError):
+                    c.post("/v1/batch", json=batch(identify()))
+        assert server.wait_for(lambda: len(server.requests) == 40, timeout=5.0)
+        faults = {r.fault for r in server.requests}
+        stored = sum(r.status == 200 for r in server.requests)
+
+    assert faults == {"trickle", "timeout_edge", "hang", "reset", None}
+    # ok, timeout_edge and trickle store; hang and reset do not.
+    assert len(server.accepted) == stored
+
+
+def test_the_command_line_sets_the_connection_faults_and_their_timings() -> None:
+    from relay.fakecio import _arg_parser
+
+    args = _arg_parser().parse_args(
+        [
+            "--write-key",
+            KEY,
+            "--faults",
+            "trickle=0.1,timeout_edge=0.1,hang=0.05,reset=0.05",
+            "--edge-s",
+            "0.8",
+            "--trickle-s",
+            "2",
+            "--trickle-interval-s",
+            "0.25",
+            "--hang-s",
+            "5",
+        ]
+    )
+
+    assert args.faults == {"trickle": 0.1, "timeout_edge": 0.1, "hang": 0.05, "reset": 0.05}
+    assert (args.edge_s, args.trickle_s, args.trickle_interval_s, args.hang_s) == (
+        0.8,
+        2.0,
+        0.25,
+        5.0,
+    )
+    FakeCustomerIO(write_keys={KEY}).set_fault_rates(args.faults)  # all known kinds
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def test_status_decides_over_error_kind() -> None:
 
 def test_policy_defaults() -> None:
     policy = RetryPolicy()
-    assert (policy.base_s, policy.cap_s, policy.max_attempts) == (1.0, 300.0, 12)
+    assert (policy.base_s, policy.cap_s) == (1.0, 300.0)
     assert (policy.max_age_s, policy.retry_after_cap_s) == (86400.0, 300.0)
 
 
@@ -82,16 +82,6 @@ def test_policy_rejects_non_positive_or_non_finite(field: str, value: float) -> 
     with pytest.raises(ValueError, match=rf"RetryPolicy\.{field}"):
         kwargs: dict[str, Any] = {field: value}
         RetryPolicy(**kwargs)
-
-
-@pytest.mark.parametrize("value", [0, -3])
-def test_policy_rejects_max_attempts_below_one(value: int) -> None:
-    with pytest.raises(ValueError, match=r"RetryPolicy\.max_attempts"):
-        RetryPolicy(max_attempts=value)
-
-
-def test_policy_allows_a_single_attempt() -> None:
-    assert RetryPolicy(max_attempts=1).max_attempts == 1
 
 
 def test_policy_is_frozen() -> None:
@@ -229,16 +219,13 @@ def test_decide_retries_with_backoff() -> None:
     assert "backoff" in decision.reason
 
 
-def test_decide_gives_up_at_the_attempt_limit() -> None:
-    policy = RetryPolicy(max_attempts=5)
-    assert not decide(4, 0.0, None, policy, 0.5).dead
-    decision = decide(5, 0.0, None, policy, 0.5)
-    assert decision.dead
-    assert decision.reason == "gave up after 5 attempts"
-
-
-def test_single_attempt_policy_never_retries() -> None:
-    assert decide(1, 0.0, None, RetryPolicy(max_attempts=1), 0.5).dead
+def test_no_number_of_transient_failures_makes_a_message_dead() -> None:
+    # An outage says nothing about the message: only its age ends the retries.
+    policy = RetryPolicy()
+    for attempts in (12, 100, 10_000):
+        decision = decide(attempts, 3600.0, None, policy, 0.999)
+        assert not decision.dead
+        assert decision.delay_s <= policy.cap_s
 
 
 def test_decide_gives_up_at_the_age_limit() -> None:
@@ -250,8 +237,8 @@ def test_decide_gives_up_at_the_age_limit() -> None:
     assert "limit 3600s" in decision.reason
 
 
-def test_limits_win_over_retry_after() -> None:
-    assert decide(12, 0.0, 5.0, RetryPolicy(), 0.5).dead
+def test_the_age_limit_wins_over_retry_after() -> None:
+    assert decide(2, 86400.0, 5.0, RetryPolicy(), 0.5).dead
 
 
 def test_retry_after_is_a_floor() -> None:
@@ -292,7 +279,7 @@ def test_decide_delay_stays_within_the_policy(
 ) -> None:
     policy = RetryPolicy()
     decision = decide(attempts, age_s, retry_after, policy, rand)
-    assert decision.dead == (attempts >= policy.max_attempts or age_s >= policy.max_age_s)
+    assert decision.dead == (age_s >= policy.max_age_s)
     if not decision.dead:
         assert 0.0 <= decision.delay_s <= max(policy.cap_s, policy.retry_after_cap_s)
         if retry_after is not None:

@@ -209,10 +209,16 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
                 "states": ["in_flight"] * len(ids),
                 "into_ids": [None] * len(ids),
                 "bodies": [None] * len(ids),
+                "errors": [None] * len(ids),
                 "owner": "w1",
+                "token": 7,
                 "lease_s": 30,
             },
         )
+        renewed = conn.execute(
+            q.OUTBOX_EXTEND_LEASE, {"ids": sorted(ids), "tokens": [7], "lease_s": 30}
+        ).fetchall()
+        assert sorted(r[0] for r in renewed) == sorted(ids)
         conn.commit()
         conn.execute(
             q.ATTEMPT_INSERT,
@@ -238,9 +244,11 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
                 "attempted": [1] * len(ids),
                 "delays": [0.0] * len(ids),
                 "errors": [None] * len(ids),
-                "owner": "w1",
+                "token": 7,
             },
         )
+        conn.execute(q.THROTTLE_SET, {"destination": "default", "pause_s": 0.0, "reason": "429"})
+        conn.execute(q.THROTTLE_ACTIVE).fetchall()
         conn.execute(q.DESTINATION_LIST_WITH_KEY).fetchall()
         conn.execute(
             q.DESTINATION_PAUSE, {"project_id": "prj_1", "write_key": KEY, "reason": "401"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import ssl
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from relay.fakecio import FakeCustomerIO
 from relay.service import drain
 from relay.settings import Settings, from_env
 from tests.relay_helpers import KEY, funnel_event, query, settings_for, write_events
+from tests.relay_helpers import relay_env as helpers_relay_env
 
 SECRET = "wk_live_SECRET_0123456789abcdef"
 SECRET_2 = "wk_proj_SECRET_fedcba9876543210"
@@ -53,17 +53,7 @@ def cio() -> Iterator[FakeCustomerIO]:
 
 
 def relay_env(dsn: str, url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CUSTOMERIO_", "RELAY_"))}
-    env.update(
-        DATABASE_URL=dsn,
-        CUSTOMERIO_WRITE_KEY=SECRET,
-        CUSTOMERIO_API_URL=url,
-        RELAY_POLL_INTERVAL="0.2",
-        RELAY_BACKOFF_BASE="0.05",
-        RELAY_BACKOFF_CAP="0.2",
-    )
-    env.update(extra)
-    return env
+    return helpers_relay_env(dsn, url, key=SECRET, **extra)
 
 
 def relay_cli(
@@ -210,7 +200,7 @@ def test_a_server_echoing_the_key_gets_it_nowhere(
 ) -> None:
     write_events(dsn, [funnel_event("cus_1", 0), funnel_event("cus_2", 0)])
     transport = Echo(script)
-    settings = settings_for(cio, write_key=SECRET, max_attempts=50)
+    settings = settings_for(cio, write_key=SECRET)
     relay = Relay(settings, dsn, transport_factory=lambda dest: transport)
     caplog.set_level(logging.DEBUG)
     ok, _ = drain(relay, 30)

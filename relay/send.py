@@ -1,0 +1,377 @@
+"""Sending one claim's work to one destination: chains of batches, each request's outcome.
+
+``judge`` is the pure part: one request's ``SendResult`` and its items in, a ``Judgement`` out
+(what to record on each row, as typed values). ``Sender`` is the shell: the rate limiter, the
+lease check before each request, the HTTP call, and one short transaction per request that
+records the attempt row and every row's outcome.
+
+Per-customer order inside a claim: chains share no customer (``plan_chains``) and run
+concurrently; within a chain batches go one after another. A customer whose message failed
+(retrying, lost to a rescue, or skipped) is *blocked* for the rest of the chain: its later
+messages are handed back unsent, so nothing overtakes the failed one.
+
+A 400 (or 413) means something in the batch is bad: the halves are queued back at the front
+of the chain and sent one after the other (each through the same rate limit and lease check)
+until every bad message stands alone and is dead with Customer.io's text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from relay import queries as q
+from relay.batching import bisect, plan_chains
+from relay.client import SendResult
+from relay.destinations import Route
+from relay.lease import Lease
+from relay.limits import MAX_BATCH_BYTES
+from relay.plan import DestinationWork, Item
+from relay.ratelimit import AcquireStopped
+from relay.retry import Outcome, RetryPolicy, classify, decide, parse_retry_after
+
+log = logging.getLogger("relay")
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+_DEADLOCK_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """What one request decided for one row."""
+
+    row_id: int
+    state: str  # delivered | retrying | dead | held
+    attempted: int  # 1 when the attempt counts, 0 when it does not (a refused key)
+    delay_s: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One request's meaning: the attempt's outcome and every row's new state.
+
+    ``rows`` is empty for a rejected batch of several messages: nothing is decided for them
+    yet, the halves are sent next.
+    """
+
+    outcome: Outcome
+    attempt_outcome: str
+    error: str | None
+    rows: tuple[RowOutcome, ...]
+    retry_after_s: float | None
+
+
+def describe(res: SendResult) -> str | None:
+    """One line for the attempt row and the outbox's last_error."""
+    if res.status_code is None:
+        return f"{res.error_kind}: {res.error}"
+    if 200 <= res.status_code < 300:
+        return None
+    snippet = res.response_snippet.strip()
+    return f"HTTP {res.status_code}" + (f": {snippet[:200]}" if snippet else "")
+
+
+def judge(
+    res: SendResult,
+    items: Sequence[Item],
+    policy: RetryPolicy,
+    jitter: float,
+    now: datetime,
+) -> Judgement:
+    """What one request's result means for each of its rows (pure)."""
+    outcome = classify(res.status_code, res.error_kind)
+    error = describe(res)
+    if outcome is Outcome.DELIVERED:
+        rows = tuple(RowOutcome(i.row_id, "delivered", 1, 0.0, None) for i in items)
+        return Judgement(outcome, "delivered", error, rows, None)
+    if outcome is Outcome.RETRY:
+        retry_after = parse_retry_after(res.retry_after, now)
+        # One jitter draw per request: a customer's messages in this batch then come due
+        # together and go out together, instead of one by one in their order.
+        out = []
+        for i in items:
+            d = decide(i.attempts + 1, i.age_s, retry_after, policy, jitter)
+            if d.dead:
+                out.append(RowOutcome(i.row_id, "dead", 1, 0.0, f"{error}; {d.reason}"))
+            else:
+                out.append(RowOutcome(i.row_id, "retrying", 1, d.delay_s, error))
+        return Judgement(outcome, "retry", error, tuple(out), retry_after)
+    if outcome is Outcome.UNAUTHORIZED:
+        reason = (
+            f"destination paused: Customer.io answered {res.status_code}: the write key was refused"
+        )
+        rows = tuple(RowOutcome(i.row_id, "held", 0, 0.0, reason) for i in items)
+        return Judgement(outcome, "unauthorized", error, rows, None)
+    if len(items) == 1:
+        reason = f"rejected by Customer.io ({res.status_code}): {res.response_snippet}"
+        rows = (RowOutcome(items[0].row_id, "dead", 1, 0.0, reason),)
+        return Judgement(outcome, "rejected", error, rows, None)
+    return Judgement(outcome, "rejected", error, (), None)
+
+
+@dataclass
+class ChainResult:
+    """What sending did: messages by outcome, requests made (summed over chains and cycles)."""
+
+    delivered: int = 0
+    retrying: int = 0
+    dead: int = 0
+    held: int = 0
+    released: int = 0
+    lost: int = 0
+    requests: int = 0
+
+    def add(self, other: ChainResult) -> None:
+        for name in ChainResult.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class Sender:
+    """Sends chains of batches for a relay; see the module docstring.
+
+    ``relay`` provides: settings, instance, router, metrics, policy, rand, stopping, and
+    ``send_conn()`` (this thread's own connection, a context manager) and ``pause(conn,
+    route, reason)``.
+    """
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+        s = relay.settings
+        self.need_s = s.http_timeout_s + min(1.0, (s.lease_s - s.http_timeout_s) / 2)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def send_destination(self, conn: Conn, unit: DestinationWork, lease: Lease) -> ChainResult:
+        """Send one destination's share of a claim: chains of batches, several at once."""
+        items = unit.items
+        total = ChainResult()
+        if not items:
+            return total
+        s = self.relay.settings
+        chains = plan_chains(
+            [i.customer_key for i in items],
+            [len(i.encoded) for i in items],
+            max_items=s.batch_size,
+            max_bytes=MAX_BATCH_BYTES,
+        )
+        paused = threading.Event()  # set by the first 401/403: every chain stops
+        plans = [[[items[j] for j in r] for r in chain] for chain in chains]
+        if min(s.concurrency, len(plans)) <= 1:
+            parts = [self.send_chain(conn, unit.route, p, paused, lease) for p in plans]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="relay-send")
+            futures = [
+                self._pool.submit(self._send_chain_own_conn, unit.route, p, paused, lease)
+                for p in plans
+            ]
+            parts = [f.result() for f in futures]
+        for part in parts:
+            total.add(part)
+        return total
+
+    def _send_chain_own_conn(
+        self, route: Route, batches: list[list[Item]], paused: threading.Event, lease: Lease
+    ) -> ChainResult:
+        with self.relay.send_conn() as conn:
+            return self.send_chain(conn, route, batches, paused, lease)
+
+    def send_chain(
+        self,
+        conn: Conn,
+        route: Route,
+        batches: list[list[Item]],
+        paused: threading.Event,
+        lease: Lease,
+    ) -> ChainResult:
+        relay = self.relay
+        result = ChainResult()
+        blocked: set[str] = set()  # customers with a failed, lost or skipped message
+        leftovers: list[int] = []
+        queue: deque[list[Item]] = deque(batches)
+        dest = route.destination
+        assert dest is not None
+        client, limiter = relay.router.client(dest)
+        while queue:
+            batch = queue.popleft()
+            if paused.is_set() or relay.stopping.is_set():
+                leftovers.extend(i.row_id for i in batch)
+                leftovers.extend(i.row_id for b in queue for i in b)
+                break
+            ready = [i for i in batch if i.customer_key not in blocked]
+            leftovers.extend(i.row_id for i in batch if i.customer_key in blocked)
+            if not ready:
+                continue
+            # The destination's pace, and any 429 pause (this relay's or another's).
+            try:
+                limiter.acquire(stop=relay.stopping)
+            except AcquireStopped:
+                queue.appendleft(ready)
+                continue
+            # Only rows that stay ours for the whole request may go.
+            ours = set(lease.ensure(conn, [i.row_id for i in ready], self.need_s))
+            for i in ready:
+                if i.row_id not in ours:
+                    blocked.add(i.customer_key)
+                    result.lost += 1
+            ready = [i for i in ready if i.row_id in ours and i.customer_key not in blocked]
+            if not ready:
+                continue
+            verdict = self._request(conn, route, client, limiter, ready, lease, result)
+            if verdict.outcome is Outcome.UNAUTHORIZED:
+                paused.set()
+                blocked.update(i.customer_key for i in ready)
+            elif verdict.outcome is Outcome.RETRY:
+                blocked.update(
+                    i.customer_key
+                    for i, r in zip(ready, verdict.rows, strict=True)
+                    if r.state == "retrying"
+                )
+            elif verdict.outcome is Outcome.REJECTED and not verdict.rows:
+                left, right = bisect(len(ready))
+                queue.appendleft([ready[j] for j in right])
+                queue.appendleft([ready[j] for j in left])
+        if leftovers:
+            with conn.transaction():
+                conn.execute(
+                    q.OUTBOX_RELEASE, {"ids": leftovers, "token": lease.token, "delay_s": 0.0}
+                )
+                if paused.is_set():
+                    conn.execute(
+                        q.OUTBOX_MARK_HELD,
+                        {"ids": leftovers, "reason": f"destination {route.pause_key} is paused"},
+                    )
+            lease.finished(leftovers)
+            result.released += len(leftovers)
+        return result
+
+    def _request(
+        self,
+        conn: Conn,
+        route: Route,
+        client: Any,
+        limiter: Any,
+        items: list[Item],
+        lease: Lease,
+        result: ChainResult,
+    ) -> Judgement:
+        relay = self.relay
+        name = route.pause_key
+        res: SendResult = client.send_batch([i.encoded for i in items])
+        result.requests += 1
+        verdict = judge(res, items, relay.policy, relay.rand(), datetime.now(UTC))
+        relay.metrics.requests.labels(name, str(res.status_code or res.error_kind)).inc()
+        relay.metrics.latency.labels(name).observe(res.latency_s)
+        relay.metrics.batch_size.observe(len(items))
+        throttle_s = None
+        if res.status_code == 429:
+            # Back-pressure on the whole workspace: every sending thread of this relay waits
+            # (the limiter halves its rate and pauses), and so does every other relay (the
+            # throttle row, read before each claim's requests).
+            throttle_s = limiter.note_429(verdict.retry_after_s)
+            log.warning("destination %s: 429, pausing it for %.1fs", name, throttle_s)
+        elif verdict.outcome is Outcome.DELIVERED:
+            limiter.note_success()
+        self._record(conn, route, res, verdict, items, lease, throttle_s)
+        for r, i in zip(verdict.rows, items, strict=False):
+            relay.metrics.messages.labels(name, i.event, i.kind, r.state).inc()
+        for r in verdict.rows:
+            if r.state == "delivered":
+                result.delivered += 1
+            elif r.state == "retrying":
+                result.retrying += 1
+            elif r.state == "dead":
+                result.dead += 1
+            elif r.state == "held":
+                result.held += 1
+        if verdict.outcome is Outcome.RETRY:
+            log.warning("destination %s: %s; %d messages to retry", name, verdict.error, len(items))
+        elif verdict.outcome is Outcome.REJECTED and verdict.rows:
+            log.error(
+                "destination %s: message row %d is dead: %s",
+                name,
+                items[0].row_id,
+                verdict.rows[0].error,
+            )
+        elif verdict.outcome is Outcome.UNAUTHORIZED:
+            relay.pause(conn, route, verdict.rows[0].error or "write key refused")
+        return verdict
+
+    def _record(
+        self,
+        conn: Conn,
+        route: Route,
+        res: SendResult,
+        verdict: Judgement,
+        items: Sequence[Item],
+        lease: Lease,
+        throttle_s: float | None,
+    ) -> None:
+        """One transaction: the attempt row, every row's new state, the throttle if any."""
+        rows = sorted(verdict.rows, key=lambda r: r.row_id)
+        for attempt in range(_DEADLOCK_RETRIES):
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        q.ATTEMPT_INSERT,
+                        {
+                            "relay_instance": self.relay.instance,
+                            "destination": route.pause_key,
+                            "started_at": res.started_at,
+                            "latency_ms": res.latency_s * 1000.0,
+                            "status_code": res.status_code,
+                            "outcome": verdict.attempt_outcome,
+                            "error": verdict.error,
+                            "response_snippet": res.response_snippet[:500] or None,
+                            "request_bytes": res.request_bytes,
+                            "message_count": len(items),
+                            "message_ids": [i.row_id for i in items],
+                        },
+                    )
+                    if rows:
+                        record_outcomes(conn, rows, lease.token)
+                    if throttle_s is not None:
+                        conn.execute(
+                            q.THROTTLE_SET,
+                            {
+                                "destination": route.pause_key,
+                                "pause_s": throttle_s,
+                                "reason": verdict.error,
+                            },
+                        )
+                break
+            except psycopg.errors.DeadlockDetected:
+                # Only the lease renewal and a rescue touch these rows besides us; both lock
+                # in id order too, so this is rare. The transaction rolled back whole.
+                if attempt == _DEADLOCK_RETRIES - 1:
+                    raise
+        lease.finished(r.row_id for r in rows)
+
+
+def record_outcomes(conn: Conn, rows: Sequence[RowOutcome], token: int) -> None:
+    """OUTBOX_RECORD_OUTCOMES for ``rows`` (sorted by id), fenced on the claim's token."""
+    conn.execute(
+        q.OUTBOX_RECORD_OUTCOMES,
+        {
+            "ids": [r.row_id for r in rows],
+            "states": [r.state for r in rows],
+            "attempted": [r.attempted for r in rows],
+            "delays": [r.delay_s for r in rows],
+            "errors": [r.error for r in rows],
+            "token": token,
+        },
+    )
