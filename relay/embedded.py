@@ -56,8 +56,10 @@ class EmbeddedPostgres:
         import psycopg
         from psycopg import sql
 
+        from relay import queries as q
+
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+            exists = conn.execute(q.DATABASE_EXISTS, (dbname,))
             if exists.fetchone() is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
         return self.dsn(dbname)

@@ -351,6 +351,11 @@ class FakeCustomerIO:
         with self._cond:
             self._script.extend(kinds)
 
+    def clear_script(self) -> None:
+        """Drop the scripted faults not yet used."""
+        with self._cond:
+            self._script.clear()
+
     def set_fault_rates(self, rates: Mapping[str, float], seed: int | None = None) -> None:
         """Inject faults at random with these probabilities per request; ``{}`` turns it off.
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay import queries as q
 from relay.db import first_line
 from relay.logs import redact
 
@@ -75,7 +76,7 @@ def check_health(relay: RelayLike) -> tuple[bool, dict[str, str]]:
             application_name="relay healthz",
             autocommit=True,
         ) as conn:
-            conn.execute("SELECT 1")
+            conn.execute(q.SESSION_CHECK)
     except psycopg.Error as exc:
         failed["database"] = redact(first_line(str(exc)) or type(exc).__name__)
     paused = list(relay.router.paused)

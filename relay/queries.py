@@ -14,6 +14,19 @@ from __future__ import annotations
 
 from typing import Final
 
+from models.states import DUE_STATES, UNFINISHED_STATES
+
+
+def _sql_list(states: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"'{s}'" for s in states) + ")"
+
+
+# The one list of unfinished states (models/states.py), spelled exactly as the partial indexes'
+# predicates are (models/schema.py builds them from the same tuples), so the planner matches
+# the claim's WHERE to relay_outbox_customer_unfinished_idx and relay_outbox_due_idx.
+UNFINISHED: Final = _sql_list(UNFINISHED_STATES)
+DUE: Final = _sql_list(DUE_STATES)
+
 # --- the application's write path -----------------------------------------------------------
 
 # Write events' messages (identify, then track) in one statement, in write order: identity
@@ -44,6 +57,9 @@ RETURNING message_id
 # application's own writes stay fully durable; this is set on the relay's connections only.
 SESSION_ASYNC_COMMIT: Final = "SET synchronous_commit = off"
 
+# Does this database exist (the embedded server's first start)? Index: catalog. Locks: none.
+DATABASE_EXISTS: Final = "SELECT 1 FROM pg_database WHERE datname = %s"
+
 # Is this session still there? A sending thread asks before it sends on a connection that sat
 # idle: otherwise it would learn that the server ended the session (a restart,
 # idle_session_timeout, an operator) only after the request, when the outcome cannot be
@@ -59,16 +75,16 @@ SESSION_CHECK: Final = "SELECT 1"
 # Index: relay_outbox_due_idx (partial: state IN pending/retrying, ordered by next_attempt_at,
 # id) for the scan; relay_outbox_customer_unfinished_idx for the NOT EXISTS probe.
 # Locks: FOR UPDATE on the returned rows, skipping rows locked by other relays.
-OUTBOX_CLAIM_HEADS: Final = """
+OUTBOX_CLAIM_HEADS: Final = f"""
 SELECT m.id, m.customer_key
 FROM relay_outbox m
-WHERE m.state IN ('pending', 'retrying')
+WHERE m.state IN {DUE}
   AND m.next_attempt_at <= now()
   AND NOT EXISTS (
       SELECT 1 FROM relay_outbox e
       WHERE e.customer_key = m.customer_key
         AND e.id < m.id
-        AND e.state IN ('pending', 'retrying', 'in_flight', 'held'))
+        AND e.state IN {UNFINISHED})
 ORDER BY m.next_attempt_at, m.id
 LIMIT %(customers)s
 FOR UPDATE OF m SKIP LOCKED
@@ -83,7 +99,7 @@ FOR UPDATE OF m SKIP LOCKED
 # Index: relay_outbox_customer_unfinished_idx (customer_key, id), one range scan per customer.
 # Locks: FOR UPDATE on those rows. Nobody else can be claiming them (their head is ours), so
 # this only waits for an operator command touching the same rows.
-OUTBOX_CLAIM_FOLLOWERS: Final = """
+OUTBOX_CLAIM_FOLLOWERS: Final = f"""
 SELECT o.id, o.customer_key, o.kind, o.project_id, o.event_type, o.body::text, o.attempts,
        o.state,
        o.next_attempt_at <= now() AS due,
@@ -93,7 +109,7 @@ CROSS JOIN LATERAL (
     SELECT * FROM relay_outbox o
     WHERE o.customer_key = h.customer_key
       AND o.id >= h.id
-      AND o.state IN ('pending', 'retrying', 'in_flight', 'held')
+      AND o.state IN {UNFINISHED}
     ORDER BY o.id
     LIMIT %(per_customer)s
     FOR UPDATE
@@ -236,19 +252,19 @@ RETURNING id
 
 # Is anything left to deliver (for --drain)? Held rows are reported, not waited for.
 # Index: relay_outbox_customer_unfinished_idx (partial on unfinished states). Locks: none.
-OUTBOX_COUNT_ACTIVE: Final = """
-SELECT count(*) FILTER (WHERE state IN ('pending', 'retrying', 'in_flight')) AS active,
+OUTBOX_COUNT_ACTIVE: Final = f"""
+SELECT count(*) FILTER (WHERE state <> 'held') AS active,
        count(*) FILTER (WHERE state = 'held') AS held
 FROM relay_outbox
-WHERE state IN ('pending', 'retrying', 'in_flight', 'held')
+WHERE state IN {UNFINISHED}
 """
 
 # Backlog figures for metrics: counts per unfinished state and the oldest unfinished row's age.
 # Index: relay_outbox_customer_unfinished_idx. Locks: none.
-OUTBOX_BACKLOG: Final = """
+OUTBOX_BACKLOG: Final = f"""
 SELECT state, count(*) AS n, extract(epoch FROM now() - min(created_at))::float8 AS oldest_s
 FROM relay_outbox
-WHERE state IN ('pending', 'retrying', 'in_flight', 'held')
+WHERE state IN {UNFINISHED}
 GROUP BY state
 """
 

@@ -5,8 +5,10 @@ test, the chaos run), so they all judge the same promises (README, "What deliver
 
 - **Order.** Per customer, the first acceptances of messages follow write order. A re-send
   (at-least-once: the relay died, or its request timed out after the server stored it) may
-  come later; it is counted (``late_resends``) but not a violation, unless it is an identify
-  that takes a trait back to an older value (``regressions``): a profile never goes back.
+  come later; it is counted (``late_resends``) but not a violation: a replay re-sends a
+  stretch of the customer's messages in order, so a replayed older identify is followed by the
+  newer ones again. What must hold once everything is delivered is ``final_profiles``: every
+  customer's traits are those of its identifies applied in write order.
 - **Identify before track.** When a track is first accepted, the traits Customer.io holds for
   its customer (every identify accepted before it, applied in acceptance order) include every
   trait written in the customer's identifies before that track, each with the value of that
@@ -43,7 +45,6 @@ class Written:
 class Verdict:
     order_violations: list[str] = field(default_factory=list)
     track_before_identify: list[str] = field(default_factory=list)
-    regressions: list[str] = field(default_factory=list)
     late_resends: int = 0
     body_mismatches: list[str] = field(default_factory=list)
     duplicates: int = 0
@@ -51,27 +52,16 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return not (
-            self.order_violations
-            or self.track_before_identify
-            or self.body_mismatches
-            or self.regressions
-        )
+        return not (self.order_violations or self.track_before_identify or self.body_mismatches)
 
     def summary(self) -> str:
         parts = [
             f"order violations {len(self.order_violations)}",
             f"track-before-identify {len(self.track_before_identify)}",
             f"duplicate bodies differing {len(self.body_mismatches)}",
-            f"trait regressions {len(self.regressions)}",
             f"duplicates {self.duplicates} ({self.late_resends} after a later message)",
         ]
-        examples = (
-            self.order_violations
-            + self.track_before_identify
-            + self.body_mismatches
-            + self.regressions
-        )[:5]
+        examples = (self.order_violations + self.track_before_identify + self.body_mismatches)[:5]
         return "; ".join(parts) + ("".join(f"\n  {e}" for e in examples))
 
 
@@ -142,18 +132,7 @@ def check(
                     f"write #{latest}"
                 )
         if item.get("type") == "identify":
-            rows = per_customer[w.customer]
-            for key, value in _traits(item).items():
-                version = _version(rows, key, value, exempt)
-                held_value = held[w.customer].get(key, _ABSENT)
-                if held_value is not _ABSENT:
-                    before = _version(rows, key, held_value, exempt)
-                    if version < before:
-                        verdict.regressions.append(
-                            f"{w.customer}: identify {mid} set {key!r} back to the value of "
-                            f"write #{version} after write #{before}'s"
-                        )
-                held[w.customer][key] = value
+            held[w.customer].update(_traits(item))
         elif mid not in first_seen:
             missing = _missing_traits(per_customer[w.customer], idx, held[w.customer], exempt)
             if missing:
@@ -164,22 +143,6 @@ def check(
         first_seen.add(mid)
         newest_first[w.customer] = max(latest, idx)
     return verdict
-
-
-_ABSENT = object()
-
-
-def _version(
-    rows: Sequence[Written], key: str, value: Any, exempt: set[str] | frozenset[str]
-) -> int:
-    """The newest write index of an identify that set ``key`` to ``value`` (-1: none)."""
-    found = -1
-    for i, w in enumerate(rows):
-        if w.kind == "identify" and w.message_id not in exempt:
-            traits = _traits(w.body)
-            if key in traits and traits[key] == value:
-                found = i
-    return found
 
 
 def _missing_traits(
@@ -205,3 +168,28 @@ def _missing_traits(
         if held[key] not in allowed:
             missing.add(key)
     return missing
+
+
+def final_profiles(
+    written: Sequence[Written],
+    accepted: Iterable[dict[str, Any]],
+    *,
+    exempt: set[str] | frozenset[str] = frozenset(),
+) -> list[str]:
+    """Once everything is delivered: customers whose traits in Customer.io (every accepted
+    identify applied in acceptance order) differ from their identifies applied in write order."""
+    expected: dict[str, dict[str, Any]] = defaultdict(dict)
+    for w in written:
+        if w.kind == "identify" and w.message_id not in exempt:
+            expected[w.customer].update(_traits(w.body))
+    known = {w.message_id: w.customer for w in written}
+    held: dict[str, dict[str, Any]] = defaultdict(dict)
+    for item in accepted:
+        customer = known.get(item.get("messageId", ""))
+        if customer is not None and item.get("type") == "identify":
+            held[customer].update(_traits(item))
+    return [
+        f"{customer}: holds {held.get(customer)} instead of {traits}"
+        for customer, traits in expected.items()
+        if held.get(customer) != traits
+    ]

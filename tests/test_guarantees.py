@@ -20,6 +20,7 @@ from relay.retry import RetryPolicy, decide
 from relay.service import drain
 from relay.settings import Settings
 from tests import invariants
+from tests.rawfake import RawFake, trickle_body
 from tests.relay_helpers import (
     KEY,
     funnel_event,
@@ -180,25 +181,35 @@ def test_a_relay_whose_lease_was_taken_records_nothing_on_the_new_claim(
     assert [r[0] for r in rows] == ["delivered", "delivered"]
 
 
+COMPRESSED = {
+    "RELAY_LEASE_SECONDS": "3",
+    "RELAY_HTTP_TIMEOUT": "2",
+    "RELAY_BATCH_SIZE": "10",
+    "RELAY_CONCURRENCY": "2",
+}
+
+
 @pytest.mark.parametrize(
-    "env",
+    ("relays", "env", "latency_s", "customers", "events"),
     [
-        # The report's two-relay run.
-        {
-            "RELAY_LEASE_SECONDS": "3",
-            "RELAY_HTTP_TIMEOUT": "2",
-            "RELAY_BATCH_SIZE": "10",
-            "RELAY_CONCURRENCY": "2",
-        },
+        # The report's two-relay run: a 1.8 s server, lease 3 s, timeout 2 s.
+        pytest.param(2, COMPRESSED, 1.8, 40, 5, id="two-relays-compressed"),
+        # One relay, the same settings: its own rescue used to take its queued chains.
+        pytest.param(1, COMPRESSED, 1.8, 20, 8, id="one-relay-compressed"),
+        # Every default (lease 30 s, timeout 10 s, batch 100, concurrency 4) and a server
+        # answering just under the timeout: one claim's chains queue for about 45 s.
+        pytest.param(1, {}, 9.0, 100, 17, id="one-relay-defaults", marks=pytest.mark.slow),
     ],
 )
 def test_healthy_relays_with_a_slow_server_send_nothing_twice(
-    dsn: str, env: dict[str, str]
+    dsn: str, relays: int, env: dict[str, str], latency_s: float, customers: int, events: int
 ) -> None:
-    # A server answering in 1.8 s, just under the 2 s timeout; more chains per claim than
-    # sending threads, so chains wait behind others longer than the lease.
-    with FakeCustomerIO(write_keys={KEY}, latency_s=1.8) as cio:
-        write_events(dsn, [funnel_event(f"cus_{c}", n) for c in range(40) for n in range(5)])
+    # More chains per claim than sending threads, so chains wait behind others for longer
+    # than the lease: only renewal keeps them ours.
+    with FakeCustomerIO(write_keys={KEY}, latency_s=latency_s) as cio:
+        write_events(
+            dsn, [funnel_event(f"cus_{c}", n) for c in range(customers) for n in range(events)]
+        )
         written = snapshot(dsn)
         procs = [
             subprocess.Popen(
@@ -208,10 +219,10 @@ def test_healthy_relays_with_a_slow_server_send_nothing_twice(
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for i in range(2)
+            for i in range(relays)
         ]
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 150
             while time.monotonic() < deadline:
                 left = query(
                     dsn,
@@ -224,12 +235,41 @@ def test_healthy_relays_with_a_slow_server_send_nothing_twice(
         finally:
             for p in procs:
                 p.terminate()
-            errs = [p.communicate(timeout=30)[1] for p in procs]
+            errs = [p.communicate(timeout=60)[1] for p in procs]
         assert left == 0, states(dsn)
         verdict = invariants.check(written, cio.accepted_items())
         rescued = query(dsn, "SELECT count(*) FROM relay_outbox WHERE last_error LIKE 'lease%'")
         assert verdict.duplicates == 0, (verdict.summary(), rescued, errs[0][-1500:])
+        assert rescued == [(0,)]
         assert verdict.ok, verdict.summary()
+        assert not invariants.final_profiles(written, cio.accepted_items())
+
+
+# --- 4. the HTTP timeout is one deadline ----------------------------------------------------
+
+
+def test_a_200_whose_body_trickles_is_delivered_once_within_the_deadline(dsn: str) -> None:
+    # Reported: a server that sends 200 and then trickles the body one byte per 1.5 s held each
+    # request 15 s with a 2 s timeout; the rows stayed retrying and were re-sent forever.
+    write_events(dsn, [funnel_event(f"cus_{i}", 0) for i in range(3)])
+    with RawFake(trickle_body(1.5, length=10)) as server:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "relay.cli", "run", "--drain", "--timeout", "60"],
+            env=relay_env(dsn, server.url, RELAY_HTTP_TIMEOUT="2", RELAY_LEASE_SECONDS="6"),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        took = time.monotonic() - started
+        bodies = server.bodies
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert states(dsn) == {"delivered": 6}
+    assert len(bodies) == 1, f"{len(bodies)} requests"
+    assert took < 30, f"{took:.1f}s"
+    outcome = query(dsn, "SELECT outcome, status_code, latency_ms FROM relay_attempt")
+    assert [(o, c) for o, c, _ in outcome] == [("delivered", 200)]
+    assert outcome[0][2] < 4000  # the request ended at its 2 s deadline, not after 15 s
 
 
 # --- 5. outages make messages dead in minutes ------------------------------------------------
