@@ -26,8 +26,8 @@
    same in-flight mark, then per 100 sent messages one ``ATTEMPT_INSERT`` and one
    ``OUTBOX_RECORD_OUTCOMES`` in its own transaction; every statement is the relay's own text
    from ``relay.queries`` with PL/pgSQL variables for its parameters. The glue between them
-   (which rows a cycle takes, how identifies merge) mirrors ``Relay._claim`` and must follow
-   it when the claim's logic changes.
+   (which rows a cycle takes, how identifies merge) mirrors the relay's planner and must follow
+   it when the claim's logic changes (``relay.plan.plan_claim``).
 
 Rate = rows finished (delivered + coalesced) / seconds from the relays' start to the last
 row's finish (``updated_at`` of the last delivered row; the relays' own exit can lag by up to
@@ -387,6 +387,7 @@ DECLARE
     p_customers int := {batch};
     p_per_customer int := {batch};
     p_owner text := 'sql-ceiling';
+    p_token bigint := 1;
     p_lease_s float8 := {lease_s};
     p_head_ids bigint[];
     p_customer_keys text[];
@@ -432,20 +433,20 @@ BEGIN
         -- Every fetched row that is due is taken, as the relay takes them. (In this backlog
         -- every claimed row is due, so this equals the relay's per-customer due prefix.)
         DELETE FROM ceiling_claim c WHERE NOT (c.state IN ('pending', 'retrying') AND c.due);
-        -- Coalescing: each customer's fresh identifies merge into its last one (the carrier),
+        -- Coalescing: each customer's fresh identifies merge into its first one (the carrier),
         -- which is rewritten with the merged traits when there was more than one.
         SELECT coalesce(array_agg(i.id ORDER BY i.id), '{{}}'),
                coalesce(array_agg(c.carrier ORDER BY i.id), '{{}}')
           INTO v_coalesced, v_into
           FROM ceiling_claim i
-          JOIN (SELECT customer_key, max(id) AS carrier FROM ceiling_claim
+          JOIN (SELECT customer_key, min(id) AS carrier FROM ceiling_claim
                  WHERE kind = 'identify' AND attempts = 0 GROUP BY customer_key) c
             USING (customer_key)
          WHERE i.kind = 'identify' AND i.attempts = 0 AND i.id <> c.carrier;
         SELECT coalesce(array_agg(m.carrier), '{{}}'),
                coalesce(array_agg(jsonb_set(cb.body::jsonb, '{{traits}}', m.traits)::text), '{{}}')
           INTO v_rw_ids, v_rw_bodies
-          FROM (SELECT c.customer_key, max(c.id) AS carrier, count(DISTINCT c.id) AS parts,
+          FROM (SELECT c.customer_key, min(c.id) AS carrier, count(DISTINCT c.id) AS parts,
                        jsonb_object_agg(t.key, t.value ORDER BY c.id) AS traits
                   FROM ceiling_claim c
                   CROSS JOIN LATERAL jsonb_each(c.body::jsonb -> 'traits') AS t
@@ -454,7 +455,7 @@ BEGIN
           JOIN ceiling_claim cb ON cb.id = m.carrier
          WHERE m.parts > 1;
         DELETE FROM ceiling_claim WHERE id = ANY(v_coalesced);
-        SELECT coalesce(array_agg(id ORDER BY pos, kind <> 'identify', id), '{{}}')
+        SELECT coalesce(array_agg(id ORDER BY pos, id), '{{}}')
           INTO v_send FROM ceiling_claim;
         -- One marking statement, as the relay does: rows to send in flight (carriers with
         -- their merged body), merged-away identifies coalesced.
@@ -468,6 +469,7 @@ BEGIN
                 UNION ALL
                 SELECT c.id, 'coalesced', c.into_id, NULL, 1000000000 + c.n
                   FROM unnest(v_coalesced, v_into) WITH ORDINALITY AS c(id, into_id, n)) x;
+        p_errors := array_fill(NULL::text, ARRAY[cardinality(p_ids)]);
         {_plpgsql(q.OUTBOX_CLAIM_MARK)};
         COMMIT;
         -- Record: one attempt row and one outcome statement per request of <= {batch} items.

@@ -152,13 +152,10 @@ class LeaseKeeper(threading.Thread):
     threads' own check (``Lease.ensure``) then renews or skips before each request.
     """
 
-    def __init__(
-        self, connect: Callable[[], Conn], lease_s: float, stopping: threading.Event
-    ) -> None:
+    def __init__(self, connect: Callable[[], Conn], lease_s: float) -> None:
         super().__init__(name="relay-lease", daemon=True)
         self._connect = connect
         self._every = max(0.05, lease_s / 3)
-        self._stopping = stopping
         self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
         self._conn: Conn | None = None

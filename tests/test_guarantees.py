@@ -199,6 +199,9 @@ COMPRESSED = {
         # Every default (lease 30 s, timeout 10 s, batch 100, concurrency 4) and a server
         # answering just under the timeout: one claim's chains queue for about 45 s.
         pytest.param(1, {}, 9.0, 100, 17, id="one-relay-defaults", marks=pytest.mark.slow),
+        # The report's single relay: every default and a server answering in 2.5 s; one
+        # claim (100 customers x 100 rows) has about 50 batches, 13 rounds of 4 threads.
+        pytest.param(1, {}, 2.5, 100, 50, id="one-relay-defaults-2.5s", marks=pytest.mark.slow),
     ],
 )
 def test_healthy_relays_with_a_slow_server_send_nothing_twice(
