@@ -143,6 +143,9 @@ class Relay:
         self._send_conns_lock = threading.Lock()
         self._destinations_at = 0.0
         self._throttles_at = float("-inf")
+        # Leases of cycles that ended with rows still open (a database error mid-cycle):
+        # handed back at the next cycle or at shutdown, else rescued when they expire.
+        self._orphans: list[Lease] = []
         self._keeper: LeaseKeeper | None = None
         self.sender = Sender(self)
 
@@ -299,9 +302,40 @@ class Relay:
         self.wakeup.set()
 
     def release_all(self) -> int:
-        """Hand back anything still leased to this instance (used at shutdown)."""
-        with self.svc() as conn, conn.transaction():
-            return conn.execute(q.OUTBOX_RELEASE_OWNED, {"owner": self.instance}).rowcount
+        """Hand back what this process's dead cycles left in flight (used at shutdown).
+
+        Only rows of this process's own claims, and only as far as it knows them: rows it never
+        sent go back as they were; rows a request carried whose outcome was never recorded
+        count an attempt (Customer.io may hold them), like a lease rescue. Rows of an earlier
+        process under the same name are left to the lease rescue: nothing here knows whether
+        they went out.
+        """
+        with self.svc() as conn:
+            return self._release_orphans(conn)
+
+    def _release_orphans(self, conn: Conn) -> int:
+        released = 0
+        while self._orphans:
+            lease = self._orphans[0]
+            unsent, maybe_sent = lease.split_open()
+            with conn.transaction():
+                if unsent:
+                    released += conn.execute(
+                        q.OUTBOX_RELEASE, {"ids": unsent, "token": lease.token, "delay_s": 0.0}
+                    ).rowcount
+                if maybe_sent:
+                    released += conn.execute(
+                        q.OUTBOX_RELEASE_MAYBE_SENT, {"ids": maybe_sent, "token": lease.token}
+                    ).rowcount
+            lease.finished(unsent + maybe_sent)
+            self._orphans.pop(0)
+            log.warning(
+                "a cycle ended early: handed back %d unsent messages, and %d whose request may "
+                "have reached Customer.io (their attempt counts)",
+                len(unsent),
+                len(maybe_sent),
+            )
+        return released
 
     # --- one delivery cycle ------------------------------------------------------------------
 
@@ -310,6 +344,8 @@ class Relay:
             if time.monotonic() - self._destinations_at > 5.0:
                 self.refresh_destinations(conn)
             self._apply_throttles(conn)
+            if self._orphans:
+                self._release_orphans(conn)
             result, plan, lease = self._claim(conn)
             if lease is None:
                 return result
@@ -319,9 +355,11 @@ class Relay:
                 for unit in plan.work.values():
                     result.add(self.sender.send_destination(conn, unit, lease))
             finally:
-                # Rows still open here (a bug, the database went away mid-cycle) stay leased
-                # until their expiry, then a rescue makes them claimable again.
+                # Rows still open here (the database went away mid-cycle, a bug) are handed
+                # back by the next cycle or at shutdown, or rescued when their lease expires.
                 keeper.remove(lease)
+                if lease.open:
+                    self._orphans.append(lease)
             return result
 
     def _claim(self, conn: Conn) -> tuple[CycleResult, ClaimPlan, Lease | None]:

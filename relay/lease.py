@@ -63,6 +63,20 @@ class Lease:
         self.open: set[int] = set(ids)
         self.renewed_at: dict[int, float] = dict.fromkeys(self.open, claimed_at)
         self.lost: set[int] = set()
+        # Rows a request carried (marked before it left): once sent, a row may be held by
+        # Customer.io, so it is never handed back as unsent (see ``split_open``).
+        self.sent: set[int] = set()
+
+    def mark_sent(self, ids: Iterable[int]) -> None:
+        with self._lock:
+            self.sent.update(ids)
+
+    def split_open(self) -> tuple[list[int], list[int]]:
+        """The rows still open: (never sent, maybe sent). What a cycle that died leaves."""
+        with self._lock:
+            unsent = sorted(i for i in self.open if i not in self.sent)
+            maybe = sorted(i for i in self.open if i in self.sent)
+        return unsent, maybe
 
     def snapshot(self) -> list[int]:
         with self._lock:
@@ -133,11 +147,13 @@ def renew(conn: Conn, leases: Sequence[Lease], *, only: Sequence[int] | None = N
             q.OUTBOX_EXTEND_LEASE,
             {"ids": all_ids, "tokens": [lease.token for lease, _ in asked], "lease_s": lease_s},
         ).fetchall()
-    held = {r[0] for r in rows}
+    held: dict[int, set[int]] = {}
+    for row_id, token in rows:
+        held.setdefault(token, set()).add(row_id)
     lost = 0
     for lease, ids in asked:
         before = len(lease.lost)
-        lease.renewed(ids, held, at)
+        lease.renewed(ids, held.get(lease.token, set()), at)
         lost += len(lease.lost) - before
     if lost:
         log.warning("%d claimed messages were taken by a lease rescue; they are not sent", lost)

@@ -197,9 +197,15 @@ def _plan_run(plan: ClaimPlan, customer: str, run: list[ClaimedRow], where: Rout
     send: Sequence[Outgoing] = merged.send
     coalesced: Mapping[int, int] = merged.coalesced_into
     rewritten = {i: encode(b) for i, b in merged.rewritten.items()}
-    if any(len(b) > MAX_MESSAGE_BYTES for b in rewritten.values()):
-        # A merged identify that grows past the limit would be dead while each of its parts
-        # would have gone through: send the parts instead.
+    carriers = {c: by_id[c] for c in set(coalesced.values())}
+    if any(
+        len(rewritten[c] if c in rewritten else encode(json.loads(row.body_text)))
+        > MAX_MESSAGE_BYTES
+        for c, row in carriers.items()
+    ):
+        # A carrier over the limit would be dead, and the identifies merged into it with it,
+        # while each part on its own might have gone through: send the parts instead (each
+        # judged on its own size below).
         send, coalesced, rewritten = [Outgoing(c.row_id, c.body) for c in claimed], {}, {}
     unit = plan.work.setdefault(where.pause_key, DestinationWork(where))
     for out in send:

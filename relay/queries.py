@@ -187,17 +187,23 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'pending' END,
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight' AND lease_token = %(token)s::bigint
 """
 
-# Shutdown: hand back everything still leased to this relay instance, whatever its claim.
-# Index: relay_outbox_lease_idx (partial: in flight). Locks: row locks.
-OUTBOX_RELEASE_OWNED: Final = """
+# Hand back claimed rows whose request may have gone out but whose outcome was never recorded
+# (the cycle's session was cut after sending; then the relay stops): like a lease rescue, the
+# attempt is counted, because Customer.io may hold them under their messageId, so they are
+# never merged or rewritten again. Fenced on the claim's token. Index: primary key.
+# Locks: row locks.
+OUTBOX_RELEASE_MAYBE_SENT: Final = """
 UPDATE relay_outbox
-SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'pending' END,
+SET state = 'retrying', attempts = attempts + 1, next_attempt_at = now(),
+    last_error = 'relay lost its database session before it recorded the outcome of a '
+                 || 'request that may have reached Customer.io',
     lease_owner = NULL, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
-WHERE state = 'in_flight' AND lease_owner = %(owner)s
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight' AND lease_token = %(token)s::bigint
 """
 
 # Renew the leases of rows still in flight under our claims, and say which ones we still
-# hold: a row not returned was finished by us meanwhile, or lost (its lease ran out and a
+# hold, under which claim (a row one claim lost may be another claim's of ours now). A row
+# not returned for a claim was finished by it meanwhile, or lost (its lease ran out and a
 # rescue took it), and a lost row must not be sent. The array is sorted by the caller so the
 # primary-key scan locks in id order, like the outcome records.
 # Index: primary key (id = ANY). Locks: row locks on the renewed rows.
@@ -206,7 +212,7 @@ UPDATE relay_outbox
 SET lease_expires_at = now() + %(lease_s)s * interval '1 second'
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight'
   AND lease_token = ANY(%(tokens)s::bigint[])
-RETURNING id
+RETURNING id, lease_token
 """
 
 # One row per HTTP request. Index: none on the write path (the GIN index on message_ids and the
@@ -222,17 +228,40 @@ VALUES (%(relay_instance)s, %(destination)s, %(started_at)s, %(latency_ms)s, %(s
 
 # --- background services ----------------------------------------------------------------------
 
-# Rows whose relay died mid-cycle (lease expired): claimable again at once, by any relay. The
-# attempt is counted, since the request may have reached Customer.io before the relay died.
-# Index: relay_outbox_lease_idx (partial: in flight, by lease expiry). Locks: row locks.
+# Rows whose relay died or stalled mid-cycle (lease expired): claimable again at once, by any
+# relay. The attempt is counted, since the request may have reached Customer.io before the
+# relay died. A claim's rows of one customer are taken together or not at all: taking an
+# earlier row while a later one stays in flight (and is then delivered by its claim) would
+# have the earlier one re-sent after the later one, an older identify over a newer profile.
+# Rows are locked in id order, as every other statement that locks in-flight rows
+# does, and SKIP LOCKED: a row whose outcome is being recorded right now is left alone (it is
+# about to be finished), so a rescue never waits on, or deadlocks with, a sending relay. At
+# most 10,000 a run; the next run takes the rest.
+# Index: relay_outbox_lease_idx (partial: in flight) for the scan,
+# relay_outbox_customer_unfinished_idx for the sibling check, primary key for the update.
+# Locks: row locks.
 OUTBOX_RESCUE_EXPIRED: Final = """
-UPDATE relay_outbox
-SET state = 'retrying', attempts = attempts + 1, next_attempt_at = now(),
-    last_error = 'lease of relay ' || coalesce(lease_owner, '?')
+WITH expired AS (
+    SELECT o.id FROM relay_outbox o
+    WHERE o.state = 'in_flight' AND o.lease_expires_at < now()
+      AND NOT EXISTS (
+          SELECT 1 FROM relay_outbox l
+          WHERE l.customer_key = o.customer_key
+            AND l.state = 'in_flight'
+            AND l.lease_token = o.lease_token
+            AND l.lease_expires_at >= now())
+    ORDER BY o.id
+    LIMIT 10000
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE relay_outbox o
+SET state = 'retrying', attempts = o.attempts + 1, next_attempt_at = now(),
+    last_error = 'lease of relay ' || coalesce(o.lease_owner, '?')
                  || ' expired before it recorded an outcome',
     lease_owner = NULL, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
-WHERE state = 'in_flight' AND lease_expires_at < now()
-RETURNING id
+WHERE o.id = ANY(ARRAY(SELECT id FROM expired)) AND o.state = 'in_flight'
+  AND o.lease_expires_at < now()
+RETURNING o.id
 """
 
 # Held rows whose project now has a usable destination go back to the queue, in place.

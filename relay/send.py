@@ -87,8 +87,17 @@ def judge(
     policy: RetryPolicy,
     jitter: float,
     now: datetime,
+    *,
+    uncertain_floor_s: float = 0.0,
 ) -> Judgement:
-    """What one request's result means for each of its rows (pure)."""
+    """What one request's result means for each of its rows (pure).
+
+    After a failure that leaves it unknown whether Customer.io got the request (a timeout,
+    or the connection dropped after sending), the retry waits at least ``uncertain_floor_s``:
+    a request Customer.io applies late, after its own retry and the newer messages that
+    followed it, would set the profile back to the older traits it carries. The floor gives
+    such a request that much longer to land first; it cannot rule it out.
+    """
     outcome = classify(res.status_code, res.error_kind)
     error = describe(res)
     if outcome is Outcome.DELIVERED:
@@ -99,12 +108,14 @@ def judge(
         # One jitter draw per request: a customer's messages in this batch then come due
         # together and go out together, instead of one by one in their order.
         out = []
+        uncertain = res.status_code is None and res.error_kind != "connect"
+        floor = uncertain_floor_s if uncertain else 0.0
         for i in items:
             d = decide(i.attempts + 1, i.age_s, retry_after, policy, jitter)
             if d.dead:
                 out.append(RowOutcome(i.row_id, "dead", 1, 0.0, f"{error}; {d.reason}"))
             else:
-                out.append(RowOutcome(i.row_id, "retrying", 1, d.delay_s, error))
+                out.append(RowOutcome(i.row_id, "retrying", 1, max(d.delay_s, floor), error))
         return Judgement(outcome, "retry", error, tuple(out), retry_after)
     if outcome is Outcome.UNAUTHORIZED:
         reason = (
@@ -171,24 +182,43 @@ class Sender:
         paused = threading.Event()  # set by the first 401/403: every chain stops
         plans = [[[items[j] for j in r] for r in chain] for chain in chains]
         if min(s.concurrency, len(plans)) <= 1:
-            parts = [self.send_chain(conn, unit.route, p, paused, lease) for p in plans]
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="relay-send")
-            futures = [
-                self._pool.submit(self._send_chain_own_conn, unit.route, p, paused, lease)
-                for p in plans
-            ]
-            parts = [f.result() for f in futures]
-        for part in parts:
-            total.add(part)
+            for p in plans:
+                total.add(self.send_chain(conn, unit.route, p, paused, lease))
+            return total
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="relay-send")
+        # A chain that fails (its database session died) stops the others before their next
+        # request, and every chain is waited for: no thread may go on sending for a cycle
+        # that has ended, whose lease nobody renews any more.
+        abort = threading.Event()
+        futures = [
+            self._pool.submit(self._send_chain_own_conn, unit.route, p, paused, lease, abort)
+            for p in plans
+        ]
+        failure: BaseException | None = None
+        for f in futures:
+            try:
+                total.add(f.result())
+            except BaseException as exc:  # re-raised below, once every chain has stopped
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return total
 
     def _send_chain_own_conn(
-        self, route: Route, batches: list[list[Item]], paused: threading.Event, lease: Lease
+        self,
+        route: Route,
+        batches: list[list[Item]],
+        paused: threading.Event,
+        lease: Lease,
+        abort: threading.Event,
     ) -> ChainResult:
-        with self.relay.send_conn() as conn:
-            return self.send_chain(conn, route, batches, paused, lease)
+        try:
+            with self.relay.send_conn() as conn:
+                return self.send_chain(conn, route, batches, paused, lease, abort)
+        except BaseException:
+            abort.set()
+            raise
 
     def send_chain(
         self,
@@ -197,6 +227,7 @@ class Sender:
         batches: list[list[Item]],
         paused: threading.Event,
         lease: Lease,
+        abort: threading.Event | None = None,
     ) -> ChainResult:
         relay = self.relay
         result = ChainResult()
@@ -208,7 +239,7 @@ class Sender:
         client, limiter = relay.router.client(dest)
         while queue:
             batch = queue.popleft()
-            if paused.is_set() or relay.stopping.is_set():
+            if paused.is_set() or relay.stopping.is_set() or (abort and abort.is_set()):
                 leftovers.extend(i.row_id for i in batch)
                 leftovers.extend(i.row_id for b in queue for i in b)
                 break
@@ -257,6 +288,7 @@ class Sender:
                     )
             lease.finished(leftovers)
             result.released += len(leftovers)
+            log.debug("handed back %d unsent messages of this claim", len(leftovers))
         return result
 
     def _request(
@@ -271,9 +303,17 @@ class Sender:
     ) -> Judgement:
         relay = self.relay
         name = route.pause_key
+        lease.mark_sent(i.row_id for i in items)
         res: SendResult = client.send_batch([i.encoded for i in items])
         result.requests += 1
-        verdict = judge(res, items, relay.policy, relay.rand(), datetime.now(UTC))
+        verdict = judge(
+            res,
+            items,
+            relay.policy,
+            relay.rand(),
+            datetime.now(UTC),
+            uncertain_floor_s=relay.settings.http_timeout_s,
+        )
         relay.metrics.requests.labels(name, str(res.status_code or res.error_kind)).inc()
         relay.metrics.latency.labels(name).observe(res.latency_s)
         relay.metrics.batch_size.observe(len(items))

@@ -268,6 +268,18 @@ class DeliveryMachine(RuleBasedStateMachine):
             )
             conn.commit()
 
+    @rule(pick=st.integers(0, 50))
+    def expire_one_lease(self, pick: int) -> None:
+        """One in-flight row's lease runs out in the database while its siblings' do not."""
+        with psycopg.connect(self.dsn) as conn:
+            conn.execute(
+                "UPDATE relay_outbox SET lease_expires_at = now() - interval '1 second'"
+                " WHERE id = (SELECT id FROM relay_outbox WHERE state = 'in_flight'"
+                " ORDER BY id OFFSET %s LIMIT 1)",
+                (pick % 4,),
+            )
+            conn.commit()
+
     @rule(relay=st.integers(0, 1))
     def rescue(self, relay: int) -> None:
         with contextlib.suppress(DatabaseUnavailable):

@@ -1,0 +1,533 @@
+"""The claim planner (relay.plan): pure, no database.
+
+Rows are built the way OUTBOX_CLAIM_FOLLOWERS returns them: the body as jsonb's text, which
+has a space after every ':' and ',' (``json.dumps`` with its default separators).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.client import Destination
+from relay.destinations import Route
+from relay.limits import MAX_MESSAGE_BYTES
+from relay.plan import ClaimedRow, ClaimPlan, Item, body_problem, due_run, encode, plan_claim
+
+T0 = datetime(2026, 11, 29, 10, 0, 0, tzinfo=UTC)
+DEST = Destination("default", "http://127.0.0.1:1", "key")
+OTHER = Destination("p2", "http://127.0.0.1:2", "key2")
+HELD_REASON = "destination p_held is paused: write key refused"
+
+
+def route(project_id: str | None) -> Route:
+    if project_id == "p_held":
+        return Route(None, HELD_REASON, "p_held")
+    if project_id == "p2":
+        return Route(OTHER, None, "p2")
+    return Route(DEST, None, "default")
+
+
+def ts(seconds: int) -> str:
+    return (T0 + timedelta(seconds=seconds)).isoformat()
+
+
+def identify_body(n: int, customer: str = "c1", **traits: Any) -> dict[str, Any]:
+    return {
+        "type": "identify",
+        "userId": customer,
+        "traits": {"email": f"{customer}@example.com", "step": n, **traits},
+        "timestamp": ts(n),
+        "messageId": f"msg-{customer}-{n}",
+    }
+
+
+def track_body(n: int, customer: str = "c1", **properties: Any) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "userId": customer,
+        "event": "checkout.start",
+        "properties": {"n": n, **properties},
+        "timestamp": ts(n),
+        "messageId": f"msg-{customer}-{n}",
+    }
+
+
+def row(
+    row_id: int,
+    kind: str,
+    body: Any,
+    *,
+    customer: str = "c1",
+    attempts: int = 0,
+    state: str = "pending",
+    due: bool = True,
+    project: str | None = None,
+    age_s: float = 1.0,
+) -> ClaimedRow:
+    return ClaimedRow(
+        id=row_id,
+        customer_key=customer,
+        kind=kind,
+        project_id=project,
+        event="checkout.start",
+        body_text=json.dumps(body),
+        attempts=attempts,
+        state=state,
+        due=due,
+        age_s=age_s,
+    )
+
+
+def items(plan: ClaimPlan, key: str = "default") -> list[Item]:
+    return plan.work[key].items if key in plan.work else []
+
+
+def sent(plan: ClaimPlan, key: str = "default") -> list[int]:
+    return [i.row_id for i in items(plan, key)]
+
+
+# --- body_problem -----------------------------------------------------------------------------
+
+VALID_IDENTIFY: dict[str, Any] = {"type": "identify", "userId": "c1"}
+VALID_TRACK: dict[str, Any] = {"type": "track", "userId": "c1", "event": "e"}
+
+
+def with_(base: Mapping[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**base, **changes}
+
+
+def without(base: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in base.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "names"),
+    [
+        # Not an object at all: the reason says what it is instead.
+        ("identify", [VALID_IDENTIFY], ["array", "object"]),
+        ("track", None, ["null", "object"]),
+        ("identify", "identify", ["string", "object"]),
+        ("track", 42, ["number", "object"]),
+        ("track", 4.5, ["number", "object"]),
+        ("identify", True, ["boolean", "object"]),
+        ("identify", {}, ["'type'"]),
+        # type must be the row's kind
+        ("identify", with_(VALID_TRACK, traits={}), ["'type'", "'identify'"]),
+        ("track", with_(VALID_IDENTIFY, event="e"), ["'type'", "'track'"]),
+        ("track", with_(VALID_TRACK, type="page"), ["'type'"]),
+        # userId
+        ("identify", without(VALID_IDENTIFY, "userId"), ["'userId'"]),
+        ("track", with_(VALID_TRACK, userId=""), ["'userId'"]),
+        ("track", with_(VALID_TRACK, userId=123), ["'userId'"]),
+        ("identify", with_(VALID_IDENTIFY, userId=None), ["'userId'"]),
+        ("identify", with_(VALID_IDENTIFY, userId=["c1"]), ["'userId'"]),
+        ("identify", with_(without(VALID_IDENTIFY, "userId"), anonymousId=""), ["'userId'"]),
+        ("identify", with_(without(VALID_IDENTIFY, "userId"), anonymousId=7), ["'userId'"]),
+        # identify traits
+        ("identify", with_(VALID_IDENTIFY, traits=["a"]), ["'traits'", "array"]),
+        ("identify", with_(VALID_IDENTIFY, traits="a"), ["'traits'", "string"]),
+        ("identify", with_(VALID_IDENTIFY, traits=None), ["'traits'", "null"]),
+        ("identify", with_(VALID_IDENTIFY, traits=3), ["'traits'", "number"]),
+        # track event and properties
+        ("track", without(VALID_TRACK, "event"), ["'event'"]),
+        ("track", with_(VALID_TRACK, event=""), ["'event'"]),
+        ("track", with_(VALID_TRACK, event=5), ["'event'"]),
+        ("track", with_(VALID_TRACK, properties=[1, 2]), ["'properties'", "array"]),
+        ("track", with_(VALID_TRACK, properties="x"), ["'properties'", "string"]),
+        ("track", with_(VALID_TRACK, properties=None), ["'properties'", "null"]),
+        # timestamp
+        ("track", with_(VALID_TRACK, timestamp="yesterday"), ["'timestamp'", "yesterday"]),
+        ("identify", with_(VALID_IDENTIFY, timestamp="2026-13-01T00:00:00Z"), ["'timestamp'"]),
+        ("identify", with_(VALID_IDENTIFY, timestamp=""), ["'timestamp'"]),
+        ("track", with_(VALID_TRACK, timestamp=1764324000), ["'timestamp'"]),
+        ("track", with_(VALID_TRACK, timestamp=None), ["'timestamp'"]),
+        ("track", with_(VALID_TRACK, timestamp={"at": "2026-11-28"}), ["'timestamp'"]),
+        # messageId
+        ("track", with_(VALID_TRACK, messageId=17), ["'messageId'"]),
+        ("identify", with_(VALID_IDENTIFY, messageId=None), ["'messageId'"]),
+    ],
+)
+def test_body_problem_names_what_is_wrong(kind: str, body: Any, names: list[str]) -> None:
+    reason = body_problem(kind, body)
+    assert reason is not None
+    for name in names:
+        assert name in reason, (name, reason)
+
+
+def test_body_problem_cuts_a_long_timestamp_in_its_reason() -> None:
+    reason = body_problem("track", with_(VALID_TRACK, timestamp="x" * 500))
+    assert reason is not None and "'timestamp'" in reason
+    assert len(reason) < 150
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("identify", VALID_IDENTIFY),
+        ("identify", with_(VALID_IDENTIFY, traits={})),
+        ("identify", identify_body(1)),
+        ("identify", with_(identify_body(1), timestamp="2026-11-28T10:00:01.000Z")),
+        ("identify", with_(identify_body(1), timestamp="2026-11-28T12:00:01+02:00")),
+        ("identify", with_(without(VALID_IDENTIFY, "userId"), anonymousId="anon-1")),
+        ("identify", with_(VALID_IDENTIFY, context={"ip": "1.2.3.4"}, extra=[1, None])),
+        ("track", VALID_TRACK),
+        ("track", with_(VALID_TRACK, properties={})),
+        ("track", track_body(2)),
+        ("track", with_(track_body(2), timestamp="2026-11-28T10:00:02Z")),
+        ("track", with_(track_body(2), timestamp="2026-11-28T12:00:02.123456+02:00")),
+        ("track", with_(without(VALID_TRACK, "userId"), anonymousId="anon-1")),
+        # An identify-only field on a track is Customer.io's to judge, not certain poison.
+        ("track", with_(VALID_TRACK, traits="whatever")),
+    ],
+)
+def test_body_problem_accepts_valid_bodies(kind: str, body: Any) -> None:
+    assert body_problem(kind, body) is None
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+FIELDS = ("type", "userId", "anonymousId", "traits", "event", "properties", "timestamp")
+
+
+@given(
+    kind=st.sampled_from(["identify", "track"]),
+    body=JSON
+    | st.dictionaries(
+        st.sampled_from([*FIELDS, "messageId"]),
+        JSON | st.sampled_from(["identify", "track", "c1", "2026-11-28T10:00:00Z"]),
+    ),
+)
+def test_body_problem_never_raises(kind: str, body: Any) -> None:
+    reason = body_problem(kind, body)
+    assert reason is None or isinstance(reason, str)
+    if reason is None:
+        assert isinstance(body, dict) and body["type"] == kind
+
+
+# --- due_run ----------------------------------------------------------------------------------
+
+
+def test_due_run_takes_the_leading_due_rows() -> None:
+    rows = [
+        row(1, "identify", identify_body(1)),
+        row(2, "track", track_body(2), state="retrying", attempts=2),
+        row(3, "track", track_body(3)),
+    ]
+    assert due_run(rows) == rows
+    assert due_run([]) == []
+
+
+@pytest.mark.parametrize(
+    "stopper",
+    [
+        {"state": "held"},
+        {"state": "in_flight"},
+        {"state": "retrying", "due": False},
+        {"state": "pending", "due": False},
+        {"project": "p2"},
+    ],
+)
+def test_due_run_stops_at_a_row_that_cannot_go_now(stopper: dict[str, Any]) -> None:
+    before = [row(1, "identify", identify_body(1)), row(2, "track", track_body(2))]
+    rows = [*before, row(3, "track", track_body(3), **stopper), row(4, "track", track_body(4))]
+    assert due_run(rows) == before
+    if "project" not in stopper:
+        # A stopper first: nothing goes.
+        assert due_run(rows[2:]) == []
+
+
+def test_due_run_keeps_a_run_of_one_project() -> None:
+    rows = [
+        row(1, "track", track_body(1), project="p2"),
+        row(2, "track", track_body(2), project="p2"),
+        row(3, "track", track_body(3), project=None),
+    ]
+    assert due_run(rows) == rows[:2]
+
+
+# --- plan_claim -------------------------------------------------------------------------------
+
+
+def test_a_poison_row_dies_alone_and_the_rest_of_the_run_goes_in_write_order() -> None:
+    poison = track_body(3, properties_bad=1)
+    poison["properties"] = ["not", "an", "object"]
+    rows = [
+        row(1, "track", track_body(1)),
+        row(2, "track", track_body(2)),
+        row(3, "track", poison),
+        row(4, "track", track_body(4)),
+        row(5, "track", track_body(5)),
+    ]
+    plan = plan_claim(["c1"], list(reversed(rows)), route)
+    assert set(plan.dead) == {3}
+    assert "'properties'" in plan.dead[3]
+    assert plan.dead[3].startswith("invalid message body")
+    assert plan.in_flight == [1, 2, 4, 5]
+    assert sent(plan) == [1, 2, 4, 5]
+    assert plan.claimed == 5
+    # Tracks go as stored.
+    assert [i.encoded for i in items(plan)] == [r.body_text.encode() for r in rows if r.id != 3]
+
+
+def test_a_poison_identify_is_not_merged_and_the_identifies_around_it_are() -> None:
+    bad = identify_body(2)
+    bad["traits"] = "plan=pro"
+    rows = [
+        row(1, "identify", identify_body(1, plan="free")),
+        row(2, "identify", bad),
+        row(3, "track", track_body(3)),
+        row(4, "identify", identify_body(4, plan="pro")),
+    ]
+    plan = plan_claim(["c1"], rows, route)
+    assert "'traits'" in plan.dead[2]
+    assert plan.in_flight == [1, 3]
+    assert plan.coalesced == {4: 1}
+    merged = json.loads(plan.rewritten[1])
+    assert merged["traits"]["plan"] == "pro"
+    assert merged["messageId"] == "msg-c1-1"
+    assert "plan=pro" not in plan.rewritten[1].decode()
+    assert items(plan)[0].encoded == plan.rewritten[1]
+
+
+def test_two_customers_go_in_claim_order_each_in_write_order() -> None:
+    rows = [
+        row(1, "track", track_body(1, "a"), customer="a"),
+        row(2, "track", track_body(2, "b"), customer="b"),
+        row(3, "track", track_body(3, "a"), customer="a"),
+        row(4, "track", track_body(4, "b"), customer="b"),
+        row(5, "track", track_body(5, "b"), customer="b"),
+        # Not a head of this claim: its rows are ignored.
+        row(6, "track", track_body(6, "z"), customer="z"),
+    ]
+    plan = plan_claim(["b", "a"], rows[::-1], route)
+    assert sent(plan) == [2, 4, 5, 1, 3]
+    assert [i.customer_key for i in items(plan)] == ["b", "b", "b", "a", "a"]
+    assert sorted(plan.in_flight) == [1, 2, 3, 4, 5]
+    assert plan.claimed == 5
+
+
+def test_customers_of_different_projects_go_to_their_destinations() -> None:
+    rows = [
+        row(1, "track", track_body(1, "a"), customer="a", project="p2"),
+        row(2, "track", track_body(2, "b"), customer="b"),
+        row(3, "track", track_body(3, "a"), customer="a", project="p2"),
+    ]
+    plan = plan_claim(["a", "b"], rows, route)
+    assert plan.work["p2"].route.destination == OTHER
+    assert sent(plan, "p2") == [1, 3]
+    assert sent(plan, "default") == [2]
+
+
+def test_a_run_without_a_usable_destination_is_held_under_the_reason() -> None:
+    bad = track_body(2)
+    bad["event"] = ""
+    rows = [
+        row(1, "identify", identify_body(1), project="p_held"),
+        row(2, "track", bad, project="p_held"),
+        row(3, "identify", identify_body(3), project="p_held"),
+        # Another project: after the run, untouched.
+        row(4, "track", track_body(4), project=None),
+    ]
+    other = row(5, "track", track_body(5, "c2"), customer="c2")
+    plan = plan_claim(["c1", "c2"], [*rows, other], route)
+    # Held before it is judged: a poison row in a held run waits with the run.
+    assert dict(plan.held) == {HELD_REASON: [1, 2, 3]}
+    assert plan.dead == {}
+    assert plan.coalesced == {}
+    assert plan.in_flight == [5]
+    assert plan.claimed == 4
+
+
+def test_an_oversize_message_is_dead_with_its_size() -> None:
+    body = track_body(2, blob="x" * MAX_MESSAGE_BYTES)
+    size = len(encode(body))
+    assert size > MAX_MESSAGE_BYTES
+    rows = [
+        row(1, "track", track_body(1)),
+        row(2, "track", body),
+        row(3, "track", track_body(3)),
+    ]
+    plan = plan_claim(["c1"], rows, route)
+    assert set(plan.dead) == {2}
+    assert str(size) in plan.dead[2]
+    assert str(MAX_MESSAGE_BYTES) in plan.dead[2]
+    assert plan.in_flight == [1, 3]
+
+
+def test_the_size_limit_is_judged_on_compact_json() -> None:
+    # jsonb's text (", " and ": ") is over the limit; the compact form Customer.io measures is
+    # not, and that is what is sent.
+    body = track_body(1)
+    body["properties"].update({f"k{n:05d}": 0 for n in range(2700)})
+    compact, spaced = encode(body), json.dumps(body).encode()
+    assert len(compact) <= MAX_MESSAGE_BYTES < len(spaced)
+    plan = plan_claim(["c1"], [row(1, "track", body)], route)
+    assert plan.dead == {}
+    assert plan.in_flight == [1]
+    assert items(plan)[0].encoded == compact
+
+
+def test_identifies_whose_merge_would_be_oversize_are_sent_as_they_are() -> None:
+    half = MAX_MESSAGE_BYTES // 2 + 100
+    rows = [
+        row(1, "identify", identify_body(1, a="a" * half)),
+        row(2, "track", track_body(2)),
+        row(3, "identify", identify_body(3, b="b" * half)),
+    ]
+    plan = plan_claim(["c1"], rows, route)
+    assert plan.dead == {}
+    assert plan.coalesced == {}
+    assert plan.rewritten == {}
+    assert plan.in_flight == [1, 2, 3]
+    assert [i.encoded for i in items(plan)] == [r.body_text.encode() for r in rows]
+
+
+def test_merged_identifies_that_fit_are_one_message_on_the_first() -> None:
+    rows = [
+        row(1, "identify", identify_body(1, a=1)),
+        row(2, "track", track_body(2)),
+        row(3, "identify", identify_body(3, b=2)),
+        row(4, "identify", identify_body(4, a=3)),
+    ]
+    plan = plan_claim(["c1"], rows, route)
+    assert plan.coalesced == {3: 1, 4: 1}
+    assert plan.in_flight == [1, 2]
+    assert plan.coalesced_by_destination == {"default": 2}
+    merged = json.loads(plan.rewritten[1])
+    assert merged["traits"] == {"email": "c1@example.com", "step": 4, "a": 3, "b": 2}
+    assert merged["timestamp"] == ts(4)
+    assert items(plan)[0].encoded == plan.rewritten[1]
+
+
+def test_identifies_are_never_coalesced_into_a_dead_carrier() -> None:
+    big = identify_body(1, blob="x" * MAX_MESSAGE_BYTES)
+    # A small identify with nothing the carrier lacks: the merge equals the carrier's body.
+    small = {"type": "identify", "userId": "c1", "timestamp": big["timestamp"], "messageId": "m2"}
+    plan = plan_claim(["c1"], [row(1, "identify", big), row(2, "identify", small)], route)
+    assert set(plan.dead) == {1}
+    for into in plan.coalesced.values():
+        assert into in plan.in_flight, (plan.coalesced, plan.dead)
+    assert 2 in plan.in_flight
+
+
+# --- the partition property -------------------------------------------------------------------
+
+POISONS: list[tuple[str, Any]] = [
+    ("identify", {"type": "identify", "userId": "x", "traits": [1]}),
+    ("identify", {"type": "track", "userId": "x", "event": "e"}),
+    ("track", {"type": "track", "userId": "x"}),
+    ("track", {"type": "track", "userId": "x", "event": "e", "properties": "p"}),
+    ("track", {"type": "track", "event": "e"}),
+    ("track", {"type": "track", "userId": "x", "event": "e", "timestamp": "soon"}),
+    ("identify", ["identify"]),
+    ("track", None),
+]
+
+RUN_ROW = st.tuples(
+    st.sampled_from(["identify", "track", "poison"]),
+    st.integers(0, 2),
+    st.integers(0, len(POISONS) - 1),
+)
+STOPPER = st.sampled_from([None, "held", "in_flight", "not_due", "other_project"])
+CUSTOMER = st.tuples(st.lists(RUN_ROW, max_size=8), STOPPER, st.booleans())
+
+
+def build_customer(
+    customer: str,
+    spec: tuple[list[tuple[str, int, int]], str | None, bool],
+    next_id: int,
+) -> tuple[list[ClaimedRow], list[ClaimedRow], set[int]]:
+    """A customer's rows: the run, the rows after it (stopper and one more), the poison ids."""
+    run_spec, stopper, held = spec
+    project = "p_held" if held else None
+    run: list[ClaimedRow] = []
+    poison: set[int] = set()
+    for kind, attempts, which in run_spec:
+        i = next_id
+        next_id += 1
+        state = "retrying" if attempts else "pending"
+        if kind == "poison":
+            kind, body = POISONS[which]
+            poison.add(i)
+        else:
+            body = identify_body(i, customer) if kind == "identify" else track_body(i, customer)
+        run.append(
+            row(i, kind, body, customer=customer, attempts=attempts, state=state, project=project)
+        )
+    after: list[ClaimedRow] = []
+    if stopper == "other_project" and not run:
+        stopper = None  # another project's row first simply starts the run
+    if stopper is not None:
+        options: dict[str, dict[str, Any]] = {
+            "held": {"state": "held"},
+            "in_flight": {"state": "in_flight"},
+            "not_due": {"state": "retrying", "attempts": 1, "due": False},
+            "other_project": {"project": "p_other" if held else "p2"},
+        }
+        kw: dict[str, Any] = {"project": project, **options[stopper]}
+        after.append(row(next_id, "track", track_body(next_id, customer), customer=customer, **kw))
+        after.append(
+            row(next_id + 1, "track", track_body(next_id + 1, customer), customer=customer)
+        )
+    return run, after, poison
+
+
+@given(
+    customers=st.lists(CUSTOMER, min_size=1, max_size=3),
+    order=st.randoms(use_true_random=False),
+)
+def test_every_claimed_row_lands_in_exactly_one_place(
+    customers: list[tuple[list[tuple[str, int, int]], str | None, bool]], order: Any
+) -> None:
+    all_rows: list[ClaimedRow] = []
+    runs: dict[str, tuple[list[ClaimedRow], list[ClaimedRow], set[int], bool]] = {}
+    next_id = 1
+    for n, spec in enumerate(customers):
+        name = f"c{n}"
+        run, after, poison = build_customer(name, spec, next_id)
+        next_id += len(run) + len(after) + 1
+        runs[name] = (run, after, poison, spec[2])
+        all_rows += run + after
+    order.shuffle(all_rows)
+    heads = list(runs)
+
+    plan = plan_claim(heads, all_rows, route)
+
+    held_ids = [i for ids in plan.held.values() for i in ids]
+    places = [*plan.in_flight, *plan.coalesced, *plan.dead, *held_ids]
+    assert len(places) == len(set(places)), "a row is in two places"
+    run_ids = {r.id for run, _, _, _ in runs.values() for r in run}
+    assert set(places) == run_ids
+    assert plan.claimed == len(run_ids)
+    every_item = [i for unit in plan.work.values() for i in unit.items]
+    assert sorted(i.row_id for i in every_item) == sorted(plan.in_flight)
+    assert set(plan.rewritten) <= set(plan.in_flight)
+
+    for name, (run, _after, poison, held) in runs.items():
+        ids = [r.id for r in run]
+        if held:
+            assert all(i in plan.held[HELD_REASON] for i in ids)
+            continue
+        for i in poison:
+            assert plan.dead[i].startswith("invalid message body: ")
+        good = [r for r in run if r.id not in poison]
+        mine = [i.row_id for i in every_item if i.customer_key == name]
+        assert mine == sorted(mine), "sent out of write order"
+        last_attempted = max((n for n, r in enumerate(good) if r.attempts > 0), default=-1)
+        fresh = [r.id for r in good[last_attempted + 1 :] if r.kind == "identify"]
+        expected = {i: fresh[0] for i in fresh[1:]} if len(fresh) > 1 else {}
+        got = {i: into for i, into in plan.coalesced.items() if i in ids}
+        assert got == expected
+        assert mine == [r.id for r in good if r.id not in expected]
+        for into in got.values():
+            assert into in plan.in_flight
