@@ -187,6 +187,16 @@ SET state = CASE WHEN attempts > 0 THEN 'retrying' ELSE 'pending' END,
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight' AND lease_token = %(token)s::bigint
 """
 
+# A destination paused (401/403) while a claim still held some of its rows: those rows are
+# held, unsent, no attempt counted. Fenced on the claim's token like a release.
+# Index: primary key. Locks: row locks.
+OUTBOX_HOLD_CLAIMED: Final = """
+UPDATE relay_outbox
+SET state = 'held', last_error = %(reason)s, lease_owner = NULL, lease_expires_at = NULL,
+    lease_token = NULL, updated_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'in_flight' AND lease_token = %(token)s::bigint
+"""
+
 # Hand back claimed rows whose request may have gone out but whose outcome was never recorded
 # (the cycle's session was cut after sending; then the relay stops): like a lease rescue, the
 # attempt is counted, because Customer.io may hold them under their messageId, so they are

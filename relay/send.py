@@ -278,13 +278,19 @@ class Sender:
                 queue.appendleft([ready[j] for j in left])
         if leftovers:
             with conn.transaction():
-                conn.execute(
-                    q.OUTBOX_RELEASE, {"ids": leftovers, "token": lease.token, "delay_s": 0.0}
-                )
                 if paused.is_set():
                     conn.execute(
-                        q.OUTBOX_MARK_HELD,
-                        {"ids": leftovers, "reason": f"destination {route.pause_key} is paused"},
+                        q.OUTBOX_HOLD_CLAIMED,
+                        {
+                            "ids": leftovers,
+                            "token": lease.token,
+                            "reason": f"destination {route.pause_key} is paused",
+                        },
+                    )
+                else:
+                    conn.execute(
+                        q.OUTBOX_RELEASE,
+                        {"ids": leftovers, "token": lease.token, "delay_s": 0.0},
                     )
             lease.finished(leftovers)
             result.released += len(leftovers)
