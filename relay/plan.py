@@ -9,7 +9,9 @@ from its first due row on, in write order. ``plan_claim`` decides, per customer:
 3. **Poison**: a row whose body Customer.io could never accept (not a JSON object, a ``type``
    that is not its kind, no ``userId``, ``traits`` not an object, an unreadable ``timestamp``,
    over the size limit) is dead at once with a reason naming the field. It affects only its own
-   message: the rest of the run goes on, and coalescing never sees it.
+   message: the rest of the run goes on, and coalescing never sees it. The claim query checks
+   the shape on jsonb first (``shape_ok``); a track that passes is sent as stored, unparsed,
+   and only the rest is parsed and judged here.
 4. **Coalescing** (``relay.coalesce``): the fresh identifies merge into one, sent in write order.
 
 Nothing here raises on row content: a body that breaks an assumption is dead, never an
@@ -45,6 +47,9 @@ class ClaimedRow:
     state: str
     due: bool
     age_s: float
+    # The database's structural check of the body passed (OUTBOX_CLAIM_FOLLOWERS): a track
+    # that passes is sent as stored without being parsed here.
+    shape_ok: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,8 +190,11 @@ def _plan_run(plan: ClaimPlan, customer: str, run: list[ClaimedRow], where: Rout
     by_id = {r.id: r for r in run}
     claimed: list[Claimed] = []
     for r in run:
-        # Tracks are sent as stored (no parse and re-encode per message) once checked; the
-        # parse here is what lets a poison body die alone instead of failing the cycle.
+        if r.kind == "track" and r.shape_ok:
+            # Checked by the database; sent as stored, never parsed and re-encoded here.
+            claimed.append(Claimed(r.id, "track", {}, r.attempts))
+            continue
+        # The parse is what lets a poison body die alone instead of failing the cycle.
         body = json.loads(r.body_text)
         problem = body_problem(r.kind, body)
         if problem is not None:
@@ -217,7 +225,7 @@ def _plan_run(plan: ClaimPlan, customer: str, run: list[ClaimedRow], where: Rout
             if len(encoded) > MAX_MESSAGE_BYTES:
                 # jsonb's text has a space after every ':' and ','; the limit is judged on the
                 # compact form Customer.io measures.
-                encoded = encode(out.body)
+                encoded = encode(json.loads(row.body_text))
         if len(encoded) > MAX_MESSAGE_BYTES:
             plan.dead[row.id] = _oversize(encoded)
             continue

@@ -27,6 +27,13 @@ def _sql_list(states: tuple[str, ...]) -> str:
 UNFINISHED: Final = _sql_list(UNFINISHED_STATES)
 DUE: Final = _sql_list(DUE_STATES)
 
+# The timestamps the mapping writes (ISO-8601, seconds, optional fraction, a UTC offset or Z):
+# what the claim's fast check accepts without asking Python's parser.
+ISO_TIMESTAMP: Final = (
+    "'^[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]([.][0-9]{1,6})?"
+    "(Z|[+-][0-2][0-9]:[0-5][0-9])$'"
+)
+
 # --- the application's write path -----------------------------------------------------------
 
 # Write events' messages (identify, then track) in one statement, in write order: identity
@@ -93,9 +100,12 @@ FOR UPDATE OF m SKIP LOCKED
 # For each claimed head, the customer's unfinished rows from the head on, in write order, at
 # most %(per_customer)s each. The caller keeps the prefix that is due (it stops at the first
 # row that is held, in flight or waiting for a later retry). The body comes as text: tracks
-# are sent as stored, and only identifies (which coalescing merges) are parsed. A message's
-# age (for the age limit) restarts when an operator re-queues it, or an old message would die
-# again on its first retryable failure.
+# are sent as stored, and only identifies (which coalescing merges) are parsed. ``shape_ok``
+# is the planner's structural check of a body (relay.plan.body_problem) done here, on jsonb,
+# where it costs a few field lookups instead of a parse in Python: a track that passes is sent
+# unparsed; any other row is parsed and judged by the planner, which names the problem.
+# A message's age (for the age limit) restarts when an operator re-queues it, or an old
+# message would die again on its first retryable failure.
 # Index: relay_outbox_customer_unfinished_idx (customer_key, id), one range scan per customer.
 # Locks: FOR UPDATE on those rows. Nobody else can be claiming them (their head is ours), so
 # this only waits for an operator command touching the same rows.
@@ -103,7 +113,18 @@ OUTBOX_CLAIM_FOLLOWERS: Final = f"""
 SELECT o.id, o.customer_key, o.kind, o.project_id, o.event_type, o.body::text, o.attempts,
        o.state,
        o.next_attempt_at <= now() AS due,
-       extract(epoch FROM now() - greatest(o.created_at, o.requeued_at))::float8 AS age_s
+       extract(epoch FROM now() - greatest(o.created_at, o.requeued_at))::float8 AS age_s,
+       (jsonb_typeof(o.body) = 'object'
+        AND o.body ->> 'type' = o.kind
+        AND coalesce(jsonb_typeof(o.body -> 'userId') = 'string' AND o.body ->> 'userId' <> '',
+                     false)
+        AND coalesce(jsonb_typeof(o.body -> 'event') = 'string' AND o.body ->> 'event' <> '',
+                     false)
+        AND coalesce(jsonb_typeof(o.body -> 'properties') = 'object', NOT o.body ? 'properties')
+        AND coalesce(jsonb_typeof(o.body -> 'messageId') = 'string', NOT o.body ? 'messageId')
+        AND coalesce(jsonb_typeof(o.body -> 'timestamp') = 'string'
+                     AND o.body ->> 'timestamp' ~ {ISO_TIMESTAMP},
+                     NOT o.body ? 'timestamp')) IS TRUE AS shape_ok
 FROM unnest(%(head_ids)s::bigint[], %(customer_keys)s::text[]) AS h(id, customer_key)
 CROSS JOIN LATERAL (
     SELECT * FROM relay_outbox o

@@ -52,7 +52,18 @@ from tests import invariants
 from tests.relay_helpers import KEY, funnel_event, settings_for
 
 LEASE_S = 5.0
-FAULTS = ("ok", "500", "503", "429", "drop", "slow")
+FAULTS = (
+    "ok",
+    "500",
+    "503",
+    "429",
+    "drop",
+    "reset",
+    "hang",
+    "slow",
+    "timeout_edge",
+    "trickle",
+)
 POISON = ("[1, 2]", "null", '"x"', '{"type": "identify"}', '{"type": "track", "userId": "c"}')
 
 
@@ -75,7 +86,14 @@ class DeliveryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.cio = FakeCustomerIO(write_keys={KEY}).start()
+        # Every timing against the relays' 0.2 s request deadline: "slow" stores after it,
+        # "timeout_edge" just before it, "trickle" answers 200 in time and then trickles the
+        # body past it, "hang" never answers within it.
         self.cio.slow_s = 0.3
+        self.cio.edge_s = 0.15
+        self.cio.trickle_s = 0.4
+        self.cio.trickle_interval_s = 0.1
+        self.cio.hang_s = 0.4
         self.cio.retry_after_s = 0
         self.cio.reject = lambda item: (
             "property 'reject' is refused" if item.get("properties", {}).get("reject") else None

@@ -11,10 +11,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 
+from relay import queries as q
 from relay.client import Destination
 from relay.destinations import Route
 from relay.limits import MAX_MESSAGE_BYTES
@@ -531,3 +534,61 @@ def test_every_claimed_row_lands_in_exactly_one_place(
         assert mine == [r.id for r in good if r.id not in expected]
         for into in got.values():
             assert into in plan.in_flight
+
+
+# --- the claim query's fast shape check agrees with body_problem ---------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(["", "x", "track"]),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+_bodies = st.one_of(
+    _json_values,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": st.sampled_from(["track", "identify", 1]),
+            "userId": st.sampled_from(["c1", "", 7]),
+            "event": st.sampled_from(["page.view", "", None]),
+            "properties": _json_values,
+            "messageId": st.sampled_from(["m1", 3]),
+            "timestamp": st.sampled_from(
+                [
+                    "2026-11-28T10:00:00.000Z",
+                    "2026-11-28T10:00:00+02:00",
+                    "2026-11-28T10:00:00",
+                    "2026-11-28",
+                    "2026-13-45T99:99:99Z",
+                    "yesterday",
+                    5,
+                ]
+            ),
+        },
+    ),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=_bodies)
+def test_a_track_the_database_passes_is_one_body_problem_passes(dsn: str, body: Any) -> None:
+    # The fast path sends a track the claim query calls shape_ok without parsing it in Python:
+    # it must never pass a body the planner would have declared dead.
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, event_type,"
+            " body, occurred_at) VALUES ('m', 'e', 'track', 'c', 'x', %s, now())",
+            (Jsonb(body),),
+        )
+        row = conn.execute(
+            q.OUTBOX_CLAIM_FOLLOWERS,
+            {"head_ids": [0], "customer_keys": ["c"], "per_customer": 10},
+        ).fetchone()
+        conn.rollback()
+    assert row is not None
+    if ClaimedRow(*row).shape_ok:
+        assert body_problem("track", body) is None, body
