@@ -393,7 +393,7 @@ DECLARE
     p_customer_keys text[];
     p_ids bigint[];
     p_into_ids bigint[];
-    p_bodies text[];
+    p_bodies jsonb;
     p_relay_instance text := 'sql-ceiling';
     p_destination text := 'default';
     p_started_at timestamptz;
@@ -460,7 +460,7 @@ BEGIN
         -- One marking statement, as the relay does: rows to send in flight (carriers with
         -- their merged body), merged-away identifies coalesced.
         SELECT array_agg(x.id ORDER BY x.n), array_agg(x.state ORDER BY x.n),
-               array_agg(x.into_id ORDER BY x.n), array_agg(x.body ORDER BY x.n)
+               array_agg(x.into_id ORDER BY x.n), jsonb_agg(x.body::jsonb ORDER BY x.n)
           INTO p_ids, p_states, p_into_ids, p_bodies
           FROM (SELECT s.id, 'in_flight'::text AS state, NULL::bigint AS into_id, rw.body,
                        s.n

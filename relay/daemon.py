@@ -398,7 +398,11 @@ class Relay:
                         "ids": [m[0] for m in marks],
                         "states": [m[1] for m in marks],
                         "into_ids": [m[2] for m in marks],
-                        "bodies": [m[3].decode() if m[3] is not None else None for m in marks],
+                        "bodies": (
+                            b"["
+                            + b",".join(m[3] if m[3] is not None else b"null" for m in marks)
+                            + b"]"
+                        ).decode(),
                         "errors": [m[4] for m in marks],
                         "owner": self.instance,
                         "token": lease.token,

@@ -143,22 +143,28 @@ ORDER BY o.customer_key, o.id
 # the merged body, so a retry re-sends the merged identify under the same messageId),
 # merged-away identifies become coalesced, pointing at their carrier, and poison rows (a body
 # Customer.io could never accept, or over the size limit) become dead with the reason, no
-# attempt counted. %(bodies)s is NULL except for carriers, %(errors)s except for dead rows.
+# attempt counted. %(bodies)s is ONE JSON array, aligned with %(ids)s, null except for
+# carriers (a text[] of bodies made the driver escape every quote of every body: 13% of the
+# claiming thread in the drain profile); %(errors)s is NULL except for dead rows.
 # One statement rather than several: the drain profile showed each round trip here costing as
 # much as the row work. Index: primary key. Locks: already held (claimed in this transaction).
 OUTBOX_CLAIM_MARK: Final = """
 UPDATE relay_outbox o
 SET state = c.state,
     coalesced_into = c.into_id,
-    body = coalesce(c.body::jsonb, o.body),
+    body = coalesce(c.body, o.body),
     last_error = CASE WHEN c.state = 'dead' THEN c.error ELSE o.last_error END,
     lease_owner = CASE WHEN c.state = 'in_flight' THEN %(owner)s END,
     lease_token = CASE WHEN c.state = 'in_flight' THEN %(token)s::bigint END,
     lease_expires_at = CASE WHEN c.state = 'in_flight'
                             THEN now() + %(lease_s)s * interval '1 second' END,
     updated_at = now()
-FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(into_ids)s::bigint[],
-            %(bodies)s::text[], %(errors)s::text[]) AS c(id, state, into_id, body, error)
+FROM (
+    SELECT c.id, c.state, c.into_id, c.error, nullif(b.body, 'null'::jsonb) AS body
+    FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(into_ids)s::bigint[],
+                %(errors)s::text[]) WITH ORDINALITY AS c(id, state, into_id, error, n)
+    JOIN jsonb_array_elements(%(bodies)s::jsonb) WITH ORDINALITY AS b(body, n) USING (n)
+) AS c
 WHERE o.id = c.id
 """
 

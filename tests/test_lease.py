@@ -62,7 +62,7 @@ def claim(conn: Conn, ids: Sequence[int], lease: Lease, *, owner: str = "relay-1
             "ids": list(ids),
             "states": ["in_flight"] * len(ids),
             "into_ids": [None] * len(ids),
-            "bodies": [None] * len(ids),
+            "bodies": "[" + ",".join(["null"] * len(ids)) + "]",
             "errors": [None] * len(ids),
             "owner": owner,
             "token": lease.token,

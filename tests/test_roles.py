@@ -208,7 +208,7 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
                 "ids": ids,
                 "states": ["in_flight"] * len(ids),
                 "into_ids": [None] * len(ids),
-                "bodies": [None] * len(ids),
+                "bodies": "[" + ",".join(["null"] * len(ids)) + "]",
                 "errors": [None] * len(ids),
                 "owner": "w1",
                 "token": 7,
