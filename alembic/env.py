@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from logging.config import fileConfig
 
-from sqlalchemy import create_engine, pool
+from sqlalchemy import Connection, create_engine, pool
 
 from alembic import context
-from models import Base
 from relay.db import sqlalchemy_url
+from relay.models import Base
 
 VERSION_TABLE = "relay_alembic_version"
 
@@ -36,6 +36,25 @@ def _dsn() -> str:
     return sqlalchemy_url(dsn)
 
 
+# Revision ids before they were made unique (``relay_`` prefix, so they cannot clash with an
+# application's own ``0001`` when merged into its history). A database migrated under the old
+# ids has its version row renamed in the migration's own transaction, before Alembic reads it.
+LEGACY_REVISIONS = {"0001": "relay_0001", "0002": "relay_0002", "0003": "relay_0003"}
+
+
+def _rename_legacy_revisions(connection: Connection) -> None:
+    exists = connection.exec_driver_sql(
+        "SELECT to_regclass(%(name)s) IS NOT NULL", {"name": VERSION_TABLE}
+    ).scalar()
+    if not exists:
+        return
+    for old, new in LEGACY_REVISIONS.items():
+        connection.exec_driver_sql(
+            f"UPDATE {VERSION_TABLE} SET version_num = %(new)s WHERE version_num = %(old)s",
+            {"old": old, "new": new},
+        )
+
+
 def run_migrations_offline() -> None:
     context.configure(
         url=_dsn(),
@@ -54,6 +73,7 @@ def run_migrations_online() -> None:
             connection=connection, target_metadata=target_metadata, version_table=VERSION_TABLE
         )
         with context.begin_transaction():
+            _rename_legacy_revisions(connection)
             context.run_migrations()
         return
     engine = create_engine(_dsn(), poolclass=pool.NullPool)
@@ -62,6 +82,7 @@ def run_migrations_online() -> None:
             connection=conn, target_metadata=target_metadata, version_table=VERSION_TABLE
         )
         with context.begin_transaction():
+            _rename_legacy_revisions(conn)
             context.run_migrations()
 
 

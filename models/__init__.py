@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.states import ATTEMPT_OUTCOMES, MESSAGE_KINDS, MESSAGE_STATES
+from relay.models.states import ATTEMPT_OUTCOMES, MESSAGE_KINDS, MESSAGE_STATES
 
 _MODELS = ("Base", "DeliveryAttempt", "Destination", "OutboxMessage", "Throttle")
 
@@ -17,7 +17,7 @@ __all__ = ["ATTEMPT_OUTCOMES", "MESSAGE_KINDS", "MESSAGE_STATES", *_MODELS]
 
 def __getattr__(name: str) -> Any:
     if name in _MODELS:
-        from models import schema
+        from relay.models import schema
 
         return getattr(schema, name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+    raise AttributeError(f"module 'relay.models' has no attribute {name!r}")

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from models.states import (
+from relay.models.states import (
     ATTEMPT_OUTCOMES,
     DUE_STATES,
     MESSAGE_KINDS,

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from models.states import UNFINISHED_STATES
 from relay import queries as q
 from relay.db import first_line
 from relay.errors import DatabaseUnavailable
+from relay.models.states import UNFINISHED_STATES
 
 if TYPE_CHECKING:
     from relay.daemon import Relay

@@ -9,17 +9,12 @@ from alembic.config import Config
 from alembic import command
 from relay.db import sqlalchemy_url
 
-_ROOT = Path(__file__).resolve().parent.parent
-
 
 def script_location() -> Path:
-    """The migration scripts: ./alembic in a checkout, ``relay_migrations`` in a wheel."""
-    checkout = _ROOT / "alembic"
-    if (checkout / "env.py").exists():
-        return checkout
-    import relay_migrations  # type: ignore[import-not-found]
+    """The migration scripts: the package ``relay.migrations`` (./alembic in a checkout)."""
+    import relay.migrations
 
-    return Path(next(iter(relay_migrations.__path__)))
+    return Path(next(iter(relay.migrations.__path__)))
 
 
 def alembic_config(dsn: str) -> Config:

@@ -25,12 +25,12 @@ from typing import Any, Final
 
 import psycopg
 
-from models.states import MESSAGE_STATES
 from relay import logs
 from relay import queries as q
 from relay.client import base_url_for, mask_key
 from relay.db import check_dsn, connect, first_line
 from relay.errors import ConfigError, DatabaseUnavailable, RelayError
+from relay.models.states import MESSAGE_STATES
 from relay.retention import DEFAULT_BATCH_SIZE, parse_duration, purge
 
 # Every state, in the order status shows them (zero counts included).

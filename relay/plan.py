@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from models.states import DUE_STATES
 from relay.coalesce import Claimed, Outgoing, coalesce
 from relay.destinations import Route
 from relay.limits import MAX_MESSAGE_BYTES
+from relay.models.states import DUE_STATES
 
 
 @dataclass(frozen=True)

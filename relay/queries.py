@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from models.states import DUE_STATES, UNFINISHED_STATES
+from relay.models.states import DUE_STATES, UNFINISHED_STATES
 
 
 def _sql_list(states: tuple[str, ...]) -> str:

@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, pool
 
-from models import Base
 from relay.db import sqlalchemy_url
 from relay.migrate import downgrade, upgrade
+from relay.models import Base
 
 
 def _tables(dsn: str) -> set[str]:

@@ -134,7 +134,7 @@ def test_a_database_without_the_operator_views_is_one_line_not_a_traceback(
 ) -> None:
     from relay.migrate import upgrade
 
-    upgrade(empty_dsn, "0001")
+    upgrade(empty_dsn, "relay_0001")
     done = relay(empty_dsn, "status")
     assert done.returncode == 1
     assert "relay_status" in done.stderr and "relay migrate" in done.stderr

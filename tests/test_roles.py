@@ -314,7 +314,7 @@ def test_migration_is_safe_when_the_roles_exist_and_keeps_them_on_downgrade(
 
     upgrade(empty_dsn)
     assert ("relay_app", "INSERT") in grants()
-    downgrade(empty_dsn, "0001")
+    downgrade(empty_dsn, "relay_0001")
     assert grants() == []
     assert roles() == 3  # other databases still use them
     upgrade(empty_dsn)

@@ -13,7 +13,7 @@ A statement-level trigger sends one NOTIFY on channel ``relay_outbox`` per inser
 statement; PostgreSQL folds identical notifications of one transaction into one, so an
 application transaction wakes idle relays once however many rows it wrote.
 
-Revision ID: 0001
+Revision ID: relay_0001
 Revises:
 Create Date: 2026-11-29 17:24:11.175599
 """
@@ -25,9 +25,9 @@ from sqlalchemy.dialects import postgresql
 
 from alembic import op
 
-revision: str = "0001"
+revision: str = "relay_0001"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("relay",)
 depends_on: str | Sequence[str] | None = None
 
 

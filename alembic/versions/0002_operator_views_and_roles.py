@@ -26,8 +26,8 @@ grants for the missing role instead of a failed migration. The downgrade revokes
 granted here and drops a role only when nothing else in the cluster uses it (grants in other
 databases, members).
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: relay_0002
+Revises: relay_0001
 Create Date: 2026-11-29 18:02:00.000000
 """
 
@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0001"
+revision: str = "relay_0002"
+down_revision: str | None = "relay_0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

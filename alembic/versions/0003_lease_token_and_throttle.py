@@ -7,8 +7,8 @@
 - ``relay_throttle``: one row per destination that answered 429, with the time before which
   no relay may send to it. Each relay reads it before sending and writes it when it gets a 429.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: relay_0003
+Revises: relay_0002
 Create Date: 2026-12-03 09:00:00.000000
 """
 
@@ -18,8 +18,8 @@ import sqlalchemy as sa
 
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "relay_0003"
+down_revision: str | None = "relay_0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
