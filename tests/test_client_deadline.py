@@ -222,7 +222,9 @@ def test_a_request_the_server_drains_slowly_is_bounded_by_the_deadline(server: R
     # ~32 MB read at ~6 MB/s: every send() makes progress, so a timeout per send never fires.
     server.behaviour = slow_read(0.01, 65536)
     items = [b'{"pad":"' + b"p" * (4 * 1024 * 1024) + b'"}'] * 8
-    with make_client(server.url) as client:
+    # Uncompressed: gzip would shrink these 32 MB of "p" to some 150 KB.
+    dest = Destination("p", server.url, KEY)
+    with CustomerIOClient(dest, timeout_s=TIMEOUT, gzip_min_bytes=0) as client:
         result, elapsed = timed_send(client, items)
     assert result.error_kind == "timeout"
     assert elapsed < TIMEOUT + SLACK
