@@ -316,13 +316,23 @@ WHERE state = 'held'
 RETURNING id
 """
 
-# Is anything left to deliver (for --drain)? Held rows are reported, not waited for.
-# Index: relay_outbox_customer_unfinished_idx (partial on unfinished states). Locks: none.
+# Is anything left to deliver (for --drain)? Held rows are reported, not waited for, and so are
+# the rows queued behind a held row of the same customer: per-customer order keeps them until
+# the held row is released or cancelled, so waiting for them would never end.
+# Index: relay_outbox_customer_unfinished_idx (partial on unfinished states), for the scan and
+# for each row's probe of its customer's earlier rows. Locks: none.
 OUTBOX_COUNT_ACTIVE: Final = f"""
-SELECT count(*) FILTER (WHERE state <> 'held') AS active,
-       count(*) FILTER (WHERE state = 'held') AS held
-FROM relay_outbox
-WHERE state IN {UNFINISHED}
+SELECT count(*) FILTER (WHERE state <> 'held' AND NOT behind_held) AS active,
+       count(*) FILTER (WHERE state = 'held' OR behind_held) AS held
+FROM (
+    SELECT o.state,
+           o.state <> 'held' AND EXISTS (
+               SELECT 1 FROM relay_outbox h
+               WHERE h.customer_key = o.customer_key AND h.id < o.id AND h.state = 'held')
+               AS behind_held
+    FROM relay_outbox o
+    WHERE o.state IN {UNFINISHED}
+) unfinished
 """
 
 # Backlog figures for metrics: counts per unfinished state and the oldest unfinished row's age.

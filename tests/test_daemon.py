@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,6 +161,26 @@ def test_400_bisects_to_the_bad_message_and_delivers_the_rest(
     assert len(delivered_ids) == 15
     outcomes = [r[1] for r in attempts(dsn)]
     assert outcomes.count("rejected") >= 2 and "delivered" in outcomes
+
+
+def test_drain_does_not_wait_for_rows_queued_behind_a_held_row(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    # cus_0's first event goes to a project whose destination is disabled (held); its next
+    # event, for the default destination, waits behind it (per-customer order). A drain reports
+    # both with the held rows instead of waiting for the second until its timeout.
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO relay_destination (project_id, region, write_key, enabled)"
+            " VALUES ('prj_off', 'us', 'wk_off_0123456789', false)"
+        )
+    write_events(dsn, [funnel_event("cus_0", 0, project="prj_off")])
+    write_events(dsn, [funnel_event("cus_0", 1), funnel_event("cus_1", 0)])
+    started = time.monotonic()
+    ok, _ = drain(make_relay(dsn, cio), 10.0)
+    assert ok
+    assert time.monotonic() - started < 8.0
+    assert states(dsn) == {"held": 2, "pending": 2, "delivered": 2}
 
 
 def test_401_pauses_the_default_destination_without_burning_retries(
