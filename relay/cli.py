@@ -8,6 +8,7 @@ setting is one line on stderr and exit status 2; an unreachable database is one 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -44,10 +45,35 @@ def _database_url(args: argparse.Namespace, *, embedded_ok: bool) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from relay.migrate import upgrade
+    import sqlalchemy.exc
+    from alembic.util import CommandError
 
+    from relay import migrate
+    from relay.db import first_line, redact_dsn
+
+    if args.sql:
+        # Offline: the SQL on stdout for a DBA; no DATABASE_URL is read and nothing connects.
+        # Printed once complete, so a bad revision leaves no partial script behind.
+        script = io.StringIO()
+        try:
+            migrate.upgrade_sql(script, args.revision)
+        except CommandError as exc:
+            raise ConfigError(f"revision {args.revision!r}: {first_line(str(exc))}") from exc
+        sys.stdout.write(script.getvalue())
+        return 0
+    if ":" in args.revision:
+        raise ConfigError(f"revision {args.revision!r}: a start:end range needs --sql")
     dsn = _database_url(args, embedded_ok=False)
-    upgrade(dsn, args.revision)
+    try:
+        migrate.upgrade(dsn, args.revision)
+    except CommandError as exc:
+        raise ConfigError(f"revision {args.revision!r}: {first_line(str(exc))}") from exc
+    except sqlalchemy.exc.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"migrating {redact_dsn(dsn)}: {first_line(str(exc.orig or exc))}"
+        ) from exc
+    except sqlalchemy.exc.DBAPIError as exc:
+        raise RelayError(f"migration failed: {first_line(str(exc.orig or exc))}") from exc
     print(f"migrated to {args.revision}")
     return 0
 
@@ -63,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         poll_interval_s=args.poll_interval,
         lease_s=args.lease,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         instance=args.instance,
     )
     if args.insecure_skip_tls_verify:
@@ -85,7 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.metrics_port is not None:
         from relay.health import serve_metrics
 
-        serve_metrics(relay, settings.metrics_port)
+        # A port in use or a host that cannot be bound is a ConfigError: one line, exit 2.
+        serve_metrics(relay, settings.metrics_port, settings.metrics_host, loop=service.loop)
     return service.run_forever()
 
 
@@ -103,7 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("migrate", help="apply the schema migrations to DATABASE_URL")
-    m.add_argument("revision", nargs="?", default="head")
+    m.add_argument(
+        "revision",
+        nargs="?",
+        default="head",
+        help="target revision (default head); with --sql also a START:END range",
+    )
+    m.add_argument(
+        "--sql",
+        action="store_true",
+        help="print the SQL instead of running it (no database needed; for a DBA)",
+    )
     m.set_defaults(func=cmd_migrate)
 
     r = sub.add_parser("run", help="run the relay daemon (or --drain and exit)")
@@ -113,7 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, help="requests in flight at once (RELAY_CONCURRENCY)")
     r.add_argument("--poll-interval", type=float, help="seconds (RELAY_POLL_INTERVAL)")
     r.add_argument("--lease", type=float, help="lease seconds (RELAY_LEASE_SECONDS)")
-    r.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port")
+    r.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /livez and /readyz on this port (RELAY_METRICS_PORT)",
+    )
+    r.add_argument(
+        "--metrics-host",
+        help="address to serve them on (RELAY_METRICS_HOST; default 127.0.0.1; 0.0.0.0 or :: "
+        "for every address, so other containers can scrape)",
+    )
     r.add_argument("--instance", help="this relay's name in leases and attempts")
     r.add_argument("--data-dir", help="embedded PostgreSQL folder when DATABASE_URL is unset")
     r.add_argument(

@@ -128,6 +128,11 @@ _VIEW_COMMENTS = {
 }
 
 
+# The DO blocks hold no % (no format(), no RAISE placeholders): printed offline by an
+# application's env.py that keeps psycopg's pyformat paramstyle, each % would come out doubled.
+# schema_name is regnamespace::text, already quoted where the name needs it.
+
+
 def _create_role(role: str) -> str:
     # IF NOT EXISTS makes a second database (or a re-run) a no-op; the handler covers two
     # migrations creating the role at the same moment, and a user who may not create roles.
@@ -142,8 +147,8 @@ def _create_role(role: str) -> str:
                 WHEN duplicate_object OR unique_violation THEN
                     NULL;
                 WHEN insufficient_privilege THEN
-                    RAISE WARNING 'role {role} is missing and % may not create it: its grants are skipped (create it, then grant as migration 0002 does)',
-                        current_user;
+                    RAISE WARNING USING MESSAGE = 'role {role} is missing and ' || current_user
+                        || ' may not create it: its grants are skipped (create it, then grant as migration relay_0002 does)';
             END;
         END IF;
     END $$
@@ -159,7 +164,7 @@ def _grant(role: str) -> str:
                              FROM pg_class WHERE oid = 'relay_outbox'::regclass);
     BEGIN
         IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
-            EXECUTE format('GRANT USAGE ON SCHEMA %I TO {role}', schema_name);
+            EXECUTE 'GRANT USAGE ON SCHEMA ' || schema_name || ' TO {role}';
 {statements}
         END IF;
     END $$
@@ -181,7 +186,7 @@ def _revoke_and_drop(role: str) -> str:
             RETURN;
         END IF;
         REVOKE ALL ON relay_outbox, relay_attempt, relay_destination FROM {role};
-        EXECUTE format('REVOKE USAGE ON SCHEMA %I FROM {role}', schema_name);
+        EXECUTE 'REVOKE USAGE ON SCHEMA ' || schema_name || ' FROM {role}';
         IF EXISTS (SELECT FROM pg_shdepend
                    WHERE refclassid = 'pg_authid'::regclass AND refobjid = role_oid)
            OR EXISTS (SELECT FROM pg_auth_members
@@ -195,7 +200,7 @@ def _revoke_and_drop(role: str) -> str:
             DROP ROLE {role};
         EXCEPTION
             WHEN dependent_objects_still_exist OR insufficient_privilege THEN
-                RAISE NOTICE 'role {role} is kept: %', SQLERRM;
+                RAISE NOTICE USING MESSAGE = 'role {role} is kept: ' || SQLERRM;
         END;
     END $$
     """
