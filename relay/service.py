@@ -99,7 +99,9 @@ class DeliveryLoop:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.totals = CycleResult()
-        self.last_cycle_at = time.monotonic()
+        # Monotonic time the last cycle finished (at first: when the loop was made). /livez
+        # (relay.health) reports the loop stuck when it stops moving.
+        self.last_cycle_finished = time.monotonic()
         # Set while the loop waits for a notification or the poll interval (nothing claimable).
         self.idle = threading.Event()
 
@@ -107,7 +109,6 @@ class DeliveryLoop:
         relay = self.relay
         poll = relay.settings.poll_interval_s
         while not relay.stopping.is_set():
-            self.last_cycle_at = time.monotonic()
             try:
                 relay.wakeup.clear()
                 result = relay.deliver_once()
@@ -122,6 +123,9 @@ class DeliveryLoop:
                 log.error("deliver: %s", exc)
             except Exception:
                 log.exception("deliver failed")
+            finally:
+                # A cycle that failed also finished: the loop itself is alive.
+                self.last_cycle_finished = time.monotonic()
             wait = poll
             if deadline is not None:
                 left = deadline - time.monotonic()

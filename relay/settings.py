@@ -6,15 +6,17 @@ field excluded from ``repr`` and is never part of an error message.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from relay.client import REGION_URLS, mask_key
+from relay.client import GZIP_MIN_BYTES, REGION_URLS, mask_key
 from relay.errors import ConfigError
 
 
@@ -37,6 +39,9 @@ class Settings:
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     verify_tls: bool = True
     metrics_port: int | None = None
+    # 127.0.0.1 keeps /metrics and the probes on the machine; 0.0.0.0 or :: (every address)
+    # lets other containers and pods scrape them.
+    metrics_host: str = "127.0.0.1"
     retention_days: float | None = None
     # The relay's own VACUUM of relay_outbox (0 turns it off): at most this often, and only
     # when at least vacuum_min_dead dead tuples wait and nothing vacuumed for that long.
@@ -44,6 +49,8 @@ class Settings:
     vacuum_min_dead: int = 5000
     # Customer.io allows 3000 requests per 3 s per workspace; this is the per-destination cap.
     rate_per_s: float = 1000.0
+    # Request bodies of at least this many bytes of JSON go gzip-compressed; 0 turns it off.
+    gzip_min_bytes: int = GZIP_MIN_BYTES
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -80,6 +87,11 @@ class Settings:
             raise ConfigError("RELAY_VACUUM_SECONDS and RELAY_VACUUM_MIN_DEAD must be >= 0")
         if not 1 <= self.concurrency <= 64:
             raise ConfigError("RELAY_CONCURRENCY must be between 1 and 64")
+        if self.gzip_min_bytes < 0:
+            raise ConfigError(
+                f"RELAY_GZIP_MIN_BYTES must be 0 or more (0 or off: no compression), "
+                f"got {self.gzip_min_bytes}"
+            )
         if self.batch_size < 1:
             raise ConfigError("RELAY_BATCH_SIZE must be at least 1")
         if self.batch_size > 10_000:
@@ -96,6 +108,12 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_ENV_OF[name]} must be greater than 0")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                "RELAY_METRICS_PORT (--metrics-port) must be between 1 and 65535, "
+                f"got {self.metrics_port}"
+            )
+        _check_metrics_host(self.metrics_host)
         if self.lease_s <= self.http_timeout_s:
             raise ConfigError(
                 "RELAY_LEASE_SECONDS must be longer than RELAY_HTTP_TIMEOUT, or a slow request "
@@ -110,6 +128,32 @@ class Settings:
                 "destination; see README: Configuration)"
             )
         return self.write_key
+
+
+def _check_metrics_host(host: str) -> None:
+    """An address or host name to bind; whether it can be bound is known only by binding."""
+    what = f"RELAY_METRICS_HOST (--metrics-host) {host!r}"
+    if not host:
+        raise ConfigError(f"{what} is empty: use 127.0.0.1, 0.0.0.0 (every address) or ::")
+    if ":" in host or "[" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"{what} is not an address: give the host alone, without brackets, a port "
+                "or a scheme (the port is RELAY_METRICS_PORT)"
+            ) from None
+        return
+    if not _HOST_NAME.fullmatch(host):
+        raise ConfigError(
+            f"{what} is not an IP address or host name (letters, digits, '-' and '.')"
+        )
+
+
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 
 _ENV_OF = {
@@ -129,10 +173,12 @@ _ENV_OF = {
     "instance": "RELAY_INSTANCE",
     "verify_tls": "RELAY_INSECURE_SKIP_TLS_VERIFY",
     "metrics_port": "RELAY_METRICS_PORT",
+    "metrics_host": "RELAY_METRICS_HOST",
     "retention_days": "RELAY_RETENTION_DAYS",
     "vacuum_interval_s": "RELAY_VACUUM_SECONDS",
     "vacuum_min_dead": "RELAY_VACUUM_MIN_DEAD",
     "rate_per_s": "RELAY_RATE_PER_SECOND",
+    "gzip_min_bytes": "RELAY_GZIP_MIN_BYTES",
 }
 
 
@@ -158,6 +204,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                 raise ConfigError(f"{var} must be 1 or 0")
             values[name] = raw.lower() not in ("1", "true", "yes")
             continue
+        if name == "gzip_min_bytes" and raw.lower() == "off":
+            values[name] = 0
+            continue
         kind = str(types[name])
         try:
             if kind.startswith("int"):
@@ -168,5 +217,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                 values[name] = raw.lower() if name == "region" else raw
         except ValueError:
             what = "a whole number" if kind.startswith("int") else "a number"
+            if name == "gzip_min_bytes":
+                what += ' or "off"'
             raise ConfigError(f"{var} must be {what}, got {raw!r}") from None
     return Settings(**values).validated()
