@@ -7,13 +7,22 @@ What this client guarantees:
 * The write key is never shown. ``Destination`` prints a masked key (``mask_key``), and error
   texts and response snippets are scrubbed of the key and of its Basic auth token before they
   leave this module.
+* Every request says who sent it, so Customer.io's logs tell the relay's requests apart: the
+  batch's top-level ``context`` carries ``library`` (``LIBRARY``: the distribution's name and
+  version), which Customer.io applies to every call in the batch, and ``User-Agent`` carries the
+  same name and version (``USER_AGENT``). The stored messages are spliced in unchanged, so a
+  ``context`` of a message's own is sent as written.
+* Bodies of at least ``gzip_min_bytes`` are sent gzip-compressed (``Content-Encoding: gzip``);
+  Customer.io applies its size limits to the decompressed body, so compression changes what
+  crosses the network, never what fits in a batch.
 * One keep-alive ``httpx.Client`` (HTTP/1.1, pooled connections) per destination, so a draining
   backlog does not pay a TCP and TLS handshake per request.
 * One deadline per request. ``timeout_s`` bounds the whole exchange up to the response's status
   line and headers: waiting for a pooled connection, connecting, the TLS handshake, writing the
-  request, waiting for the answer. What is left of it then bounds reading (at most 64 KiB of)
-  the body. A server that trickles bytes cannot stretch a request past the deadline, which the
-  relay's leases depend on (see ``CustomerIOClient``).
+  request, waiting for the answer; compressing the body counts too, as it happens once the
+  deadline has started. What is left of it then bounds reading (at most 64 KiB of) the body.
+  A server that trickles bytes cannot stretch a request past the deadline, which the relay's
+  leases depend on (see ``CustomerIOClient``).
 * Weakened transport security is never silent: ``verify_tls=False``, or a plain-HTTP base URL
   to a host other than this machine, logs a WARNING naming the destination.
 * ``send_batch`` reports what happened as a ``SendResult`` and does not raise for HTTP statuses
@@ -35,17 +44,20 @@ What it deliberately does not do:
 from __future__ import annotations
 
 import base64
+import importlib.metadata
+import json
 import logging
 import select
 import socket
 import ssl
 import sys
 import time
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, NamedTuple, Self
 from urllib.parse import urlsplit
 
@@ -55,7 +67,12 @@ import httpx
 from relay.errors import ConfigError
 
 __all__ = [
+    "BATCH_CONTEXT",
+    "GZIP_LEVEL",
+    "GZIP_MIN_BYTES",
+    "LIBRARY",
     "REGION_URLS",
+    "USER_AGENT",
     "CustomerIOClient",
     "Destination",
     "ErrorKind",
@@ -81,6 +98,42 @@ _ERROR_CHARS: Final = 300
 _REDACTED: Final = "[redacted]"
 # Plain HTTP to these hosts (a local stand-in of the API) keeps the credentials on the machine.
 _LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _distribution_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        # A checkout used without being installed: the requests still name the relay.
+        return "unknown"
+
+
+_DISTRIBUTION: Final = "appfunnel-cio-relay"
+
+LIBRARY: Final[Mapping[str, str]] = MappingProxyType(
+    {"name": _DISTRIBUTION, "version": _distribution_version(_DISTRIBUTION)}
+)
+"""``context.library`` of every batch: the installed distribution's name and version."""
+
+USER_AGENT: Final = f"{LIBRARY['name']}/{LIBRARY['version']}"
+"""The ``User-Agent`` of every request: the same name and version as ``LIBRARY``."""
+
+BATCH_CONTEXT: Final = json.dumps({"library": dict(LIBRARY)}, separators=(",", ":")).encode()
+"""The top-level ``context`` of every batch, encoded once. Customer.io applies it to every call
+in the batch, so the stored message bodies need no rewriting to carry it. It is part of the
+envelope a batch costs besides its items (``relay.batching``)."""
+
+GZIP_MIN_BYTES: Final = 1024
+"""Default smallest body (in bytes of JSON) sent gzip-compressed; 0 turns compression off."""
+
+GZIP_LEVEL: Final = 1
+"""zlib level for request bodies. On the relay's batches (about 50 KB of JSON per 100 items)
+level 1 compresses about 11 to 1 at some 400 MB/s; level 6 saves another 13% of a body that
+is already a tenth of its size, for about 2.6 times the CPU."""
+
+_GZIP_HEADERS: Final = {"Content-Encoding": "gzip"}
+# zlib's window size plus 16: a gzip member (header and CRC-32 trailer), not a zlib stream.
+_GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 ErrorKind = Literal["timeout", "connect", "protocol"]
 
@@ -198,6 +251,10 @@ class SendResult:
     ``2xx`` is a delivery: Customer.io answers only once it has processed the batch), the
     snippet holds what did arrive, and the connection is closed rather than reused. It is True
     for every complete response and for every failure (there is no body to speak of).
+
+    ``request_bytes`` is the JSON body's length, the figure Customer.io's size limits apply to;
+    ``gzip_bytes`` is the length of the compressed body sent in its place, or None when the
+    body went uncompressed.
     """
 
     status_code: int | None
@@ -209,6 +266,7 @@ class SendResult:
     request_bytes: int
     started_at: datetime
     body_complete: bool = True
+    gzip_bytes: int | None = None
 
 
 def _iso_utc(moment: datetime) -> str:
@@ -452,6 +510,10 @@ class CustomerIOClient:
     ``SendResult.body_complete``). So no request outlives ``timeout_s``, however slowly the
     server trickles bytes.
 
+    ``gzip_min_bytes`` is the smallest body (in bytes of JSON) sent gzip-compressed; 0 sends
+    every body uncompressed. Compression happens under the deadline, which it shares with the
+    exchange: a few milliseconds for the largest batch, so no request outlives ``timeout_s``.
+
     ``transport`` replaces the network, for tests; ``verify_tls`` has no effect then, and
     neither does the deadline, which is enforced in the network layer that ``transport``
     replaces.
@@ -464,14 +526,20 @@ class CustomerIOClient:
         timeout_s: float = 10.0,
         verify_tls: bool = True,
         transport: httpx.BaseTransport | None = None,
-        user_agent: str = "appfunnel-cio-relay",
+        gzip_min_bytes: int = GZIP_MIN_BYTES,
     ) -> None:
         if not timeout_s > 0:
             raise ConfigError(
                 f"destination {destination.name!r}: timeout must be positive, got {timeout_s!r}"
             )
+        if gzip_min_bytes < 0:
+            raise ConfigError(
+                f"destination {destination.name!r}: gzip_min_bytes must be 0 (off) or more, "
+                f"got {gzip_min_bytes!r}"
+            )
         self.destination = destination
         self._timeout_s = timeout_s
+        self._gzip_min_bytes = gzip_min_bytes
         self._url = destination.base_url.rstrip("/") + BATCH_PATH
         token = _basic_token(destination.write_key)
         self._secrets = (token, destination.write_key)
@@ -492,7 +560,7 @@ class CustomerIOClient:
                 "Authorization": f"Basic {token}",
                 "Content-Type": "application/json",
                 "X-Strict-Mode": "1",
-                "User-Agent": user_agent,
+                "User-Agent": USER_AGENT,
             },
             # Per phase, and each phase is further cut to what is left of the deadline. The
             # pool phase (waiting for a free connection) starts with the request, so this
@@ -522,7 +590,9 @@ class CustomerIOClient:
             (
                 b'{"batch":[',
                 b",".join(items),
-                b'],"sentAt":"',
+                b'],"context":',
+                BATCH_CONTEXT,
+                b',"sentAt":"',
                 _iso_utc(started_at).encode("ascii"),
                 b'"}',
             )
@@ -530,14 +600,23 @@ class CustomerIOClient:
         t0 = time.monotonic()
         token = _DEADLINE.set(_Deadline(t0 + self._timeout_s, self._timeout_s))
         try:
-            result, body_problem = self._exchange(body, t0, started_at)
+            # Inside the deadline: the lease on these rows was sized for timeout_s, so the
+            # compression's few milliseconds come out of it rather than on top of it. zlib
+            # releases the GIL while it works; the other sending threads are not held up.
+            gzipped = (
+                zlib.compress(body, GZIP_LEVEL, wbits=_GZIP_WBITS)
+                if 0 < self._gzip_min_bytes <= len(body)
+                else None
+            )
+            result, body_problem = self._exchange(body, gzipped, t0, started_at)
         finally:
             _DEADLINE.reset(token)
         logger.debug(
-            "batch to %s: %d items, %d bytes -> %s in %.3fs%s",
+            "batch to %s: %d items, %d bytes%s -> %s in %.3fs%s",
             self.destination.name,
             len(items),
             result.request_bytes,
+            f" ({result.gzip_bytes} gzipped)" if result.gzip_bytes is not None else "",
             result.status_code if result.status_code is not None else result.error_kind,
             result.latency_s,
             f" (body incomplete: {body_problem})" if body_problem else "",
@@ -559,24 +638,31 @@ class CustomerIOClient:
         self.close()
 
     def _exchange(
-        self, body: bytes, t0: float, started_at: datetime
+        self, body: bytes, gzipped: bytes | None, t0: float, started_at: datetime
     ) -> tuple[SendResult, str | None]:
-        """One POST under the deadline already set; the result, and why the body is incomplete
-        (None when it is not)."""
+        """One POST of ``body`` (as ``gzipped`` when that is not None) under the deadline
+        already set; the result, and why the response body is incomplete (None when it is
+        not)."""
+        gzip_bytes = None if gzipped is None else len(gzipped)
         try:
-            request = self._http.build_request("POST", self._url, content=body)
+            if gzipped is None:
+                request = self._http.build_request("POST", self._url, content=body)
+            else:
+                request = self._http.build_request(
+                    "POST", self._url, content=gzipped, headers=_GZIP_HEADERS
+                )
             # stream=True returns once the status line and headers are in, leaving the body
             # to be read (or not) here, under the same deadline.
             response = self._http.send(request, stream=True)
         except httpx.TimeoutException as exc:
-            return self._failure("timeout", exc, t0, len(body), started_at), None
+            return self._failure("timeout", exc, t0, len(body), gzip_bytes, started_at), None
         except httpx.ConnectError as exc:
-            return self._failure("connect", exc, t0, len(body), started_at), None
+            return self._failure("connect", exc, t0, len(body), gzip_bytes, started_at), None
         except httpx.RequestError as exc:
             # Any other TransportError (peer hung up, read/write failure, proxy error), and
             # also a body that arrived but could not be decoded: the exchange did not complete
             # and nothing above this module should need to know httpx's exception types.
-            return self._failure("protocol", exc, t0, len(body), started_at), None
+            return self._failure("protocol", exc, t0, len(body), gzip_bytes, started_at), None
         try:
             received, problem = _read_body(response)
         finally:
@@ -593,6 +679,7 @@ class CustomerIOClient:
             request_bytes=len(body),
             started_at=started_at,
             body_complete=problem is None,
+            gzip_bytes=gzip_bytes,
         )
         return result, None if problem is None else self._redact(problem)[:_ERROR_CHARS]
 
@@ -602,6 +689,7 @@ class CustomerIOClient:
         exc: httpx.RequestError,
         t0: float,
         request_bytes: int,
+        gzip_bytes: int | None,
         started_at: datetime,
     ) -> SendResult:
         latency_s = time.monotonic() - t0
@@ -614,6 +702,7 @@ class CustomerIOClient:
             latency_s=latency_s,
             request_bytes=request_bytes,
             started_at=started_at,
+            gzip_bytes=gzip_bytes,
         )
 
     def _redact(self, text: str, *, cut: bool = False) -> str:

@@ -114,6 +114,7 @@ class Relay:
                 timeout_s=settings.http_timeout_s,
                 verify_tls=settings.verify_tls,
                 transport=transport,
+                gzip_min_bytes=settings.gzip_min_bytes,
             )
 
         per_window = max(2, int(settings.rate_per_s * 3))
@@ -380,9 +381,8 @@ class Relay:
                     "per_customer": size,
                 },
             ).fetchall()
-            plan = plan_claim(
-                [h[1] for h in heads], [ClaimedRow(*v) for v in fetched], self.router.route
-            )
+            rows = [ClaimedRow(*v) for v in fetched]
+            plan = plan_claim([h[1] for h in heads], rows, self.router.route)
             lease = Lease(
                 plan.in_flight, self.settings.lease_s, claimed_at=claimed_at, clock=self.clock
             )
@@ -412,8 +412,16 @@ class Relay:
             for reason, ids in plan.held.items():
                 conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason})
                 log.warning("holding %d messages: %s", len(ids), reason)
-        for row_id, why in plan.dead.items():
-            log.error("message row %d is dead: %s", row_id, why)
+        if plan.dead:
+            # Counted with the outcomes of requests, so the dead-message rate (and its alert)
+            # sees a body Customer.io could never accept as well as one it rejected.
+            by_id = {row.id: row for row in rows}
+            for row_id, why in plan.dead.items():
+                log.error("message row %d is dead: %s", row_id, why)
+                row = by_id[row_id]
+                route = self.router.route(row.project_id)
+                name = route.destination.name if route.destination else route.pause_key
+                self.metrics.messages.labels(name, row.event, row.kind, "dead").inc()
         for name, n in plan.coalesced_by_destination.items():
             self.metrics.coalesced.labels(name).inc(n)
         result.claimed = plan.claimed

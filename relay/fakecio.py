@@ -15,7 +15,14 @@ What it reproduces of Customer.io:
   recorded with ``dropped=True`` and nothing in ``accepted``, so a test can show the loss.
 - A request is accepted or rejected as a whole: one bad item (or one refused by the
   ``reject`` hook) rejects the batch and nothing from it is stored.
-- Limits: 32768 bytes per item (as compact JSON), 512000 bytes per request body.
+- Limits: 32768 bytes per item (as Customer.io's SDK measures it, ``len(json.dumps(item))``:
+  ASCII escapes, ``", "`` and ``": "``), 512000 bytes per request body.
+- ``Content-Encoding: gzip`` bodies (one or more gzip members) are decompressed first, and the
+  limits apply to the decompressed body, as Customer.io applies them. A body that is not valid
+  gzip, or any other content coding, is an invalid body (``400`` naming the reason).
+- The batch's top-level ``context`` is recorded on the request (``RequestRecord.context``), not
+  merged into the stored items: how Customer.io merges it with a call's own ``context`` is not
+  documented.
 
 Faults are injected before validation: first a FIFO of scripted faults (``script``), then
 random faults drawn from a seeded ``random.Random`` (``set_fault_rates``). Kinds:
@@ -72,6 +79,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,7 +102,8 @@ __all__ = [
 ]
 
 MAX_ITEM_BYTES: Final = 32768
-"""Largest item Customer.io takes, measured as compact UTF-8 JSON."""
+"""Largest item Customer.io takes, measured as its SDK measures it: ``len(json.dumps(item))``,
+so one "é" counts 6 bytes (``\\u00e9``) and an emoji 12 (a surrogate pair)."""
 
 MAX_REQUEST_BYTES: Final = 512000
 """Largest request body Customer.io takes (500 KB)."""
@@ -135,13 +144,16 @@ _ENDPOINTS: Final[Mapping[str, str | None]] = {
     **{f"/v1/{kind}": kind for kind in sorted(ITEM_TYPES)},
 }
 
-# The same bytes as json.dumps(item, separators=(",", ":"), ensure_ascii=False), with the
-# encoder built once. Parsed JSON cannot be circular, so that check is skipped.
-_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
+# The same text as json.dumps(item), the SDK's measure of an item, with the encoder built once.
+# Parsed JSON cannot be circular, so that check is skipped.
+_SDK_JSON: Final = json.JSONEncoder(check_circular=False)
 
 _EMPTY_OBJECT: Final = b"{}"
 
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
+
+# zlib's window size plus 16: a gzip member (header and CRC-32 trailer), not a zlib stream.
+_GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +173,15 @@ class RequestRecord:
 
     ``status`` is what the client was sent (``NO_RESPONSE`` when the connection was closed
     instead). ``items`` is the number of items in the body when it could be parsed, ``bytes``
-    the body's length. ``fault`` is the injected fault (``"503"`` rather than ``"5xx"``), or
+    the body's length once its content coding was undone (what the size limit measures; the
+    length as received when it could not be undone, one past the limit when decompression
+    stopped there). ``fault`` is the injected fault (``"503"`` rather than ``"5xx"``), or
     None. ``dropped`` is Customer.io's silent loss: answered ``200`` without strict mode, yet
     nothing stored.
+
+    ``content_encoding`` is the request's ``Content-Encoding`` (lower case), None without one;
+    ``wire_bytes`` the body's length as received when it had one, else None. ``context`` is a
+    batch's top-level ``context`` object, when the body was parsed and had one.
     """
 
     no: int
@@ -178,6 +196,12 @@ class RequestRecord:
     received_at: float = dataclasses.field(default=0.0, compare=False)
     """``time.monotonic()`` when the request's body had been read (before any latency); not
     part of equality, so a test can compare records without knowing the clock."""
+    content_encoding: str | None = None
+    wire_bytes: int | None = None
+    context: dict[str, Any] | None = None
+    user_agent: str | None = dataclasses.field(default=None, compare=False)
+    """The request's ``User-Agent``; not part of equality, as a generic client's names the
+    version of its HTTP library."""
 
 
 @dataclass(slots=True)
@@ -193,6 +217,10 @@ class _Exchange:
     body_bytes: int
     fault: str | None
     received_at: float = 0.0
+    content_encoding: str | None = None
+    wire_bytes: int | None = None
+    context: dict[str, Any] | None = None
+    user_agent: str | None = None
 
 
 class FakeCustomerIO:
@@ -419,13 +447,16 @@ class FakeCustomerIO:
             return self._cond.wait_for(predicate, timeout)
 
     def stats(self) -> dict[str, Any]:
-        """Counts for ``GET /_fake/stats``: requests by status, faults, accepted, dropped."""
+        """Counts for ``GET /_fake/stats``: requests by status, faults, accepted, dropped,
+        and requests that came gzip-compressed."""
         with self._cond:
             by_status: dict[str, int] = {}
-            dropped = dropped_items = 0
+            dropped = dropped_items = gzipped = 0
             for record in self.requests:
                 key = str(record.status)
                 by_status[key] = by_status.get(key, 0) + 1
+                if record.content_encoding in ("gzip", "x-gzip"):
+                    gzipped += 1
                 if record.dropped:
                     dropped += 1
                     dropped_items += record.items
@@ -437,6 +468,7 @@ class FakeCustomerIO:
                 "dropped": dropped,
                 "dropped_items": dropped_items,
                 "connections": self.connections_accepted,
+                "gzipped": gzipped,
             }
 
     def received(self) -> dict[str, Any]:
@@ -463,6 +495,8 @@ class FakeCustomerIO:
     def _handle_post(self, h: _Handler) -> None:
         path = h.path.split("?", 1)[0]
         body = _read_body(h)
+        encoding = h.headers.get("Content-Encoding", "").strip().lower() or None
+        user_agent = h.headers.get("User-Agent")
         strict = h.headers.get("X-Strict-Mode", "").strip() == "1"
         key = _write_key_from(h.headers.get("Authorization"))
         received_at = time.monotonic()
@@ -486,15 +520,33 @@ class FakeCustomerIO:
             self._conclude(ex, 404, _error_body(f"no such endpoint: POST {path}"))
             return
 
-        if len(body) > MAX_REQUEST_BYTES:
-            # Not parsed: Customer.io refuses it on size alone.
-            items: list[Any] = []
-            error: str | None = (
-                f"request body is {len(body)} bytes, over the {MAX_REQUEST_BYTES}-byte limit"
-            )
-        else:
-            items, error = _parse_body(body, _ENDPOINTS[path])
-        ex = _Exchange(h, no, path, strict, auth_ok, len(items), len(body), fault, received_at)
+        wire_bytes = None if encoding is None else len(body)
+        items: list[Any] = []
+        context: dict[str, Any] | None = None
+        error: str | None = None
+        # A body that cannot be decoded, or is over the limit, is not parsed: Customer.io
+        # refuses it on that alone. The limit applies to the decompressed body.
+        if encoding is not None:
+            body, error = _decode_content(body, encoding, MAX_REQUEST_BYTES)
+        if error is None and len(body) > MAX_REQUEST_BYTES:
+            error = f"request body is {len(body)} bytes, over the {MAX_REQUEST_BYTES}-byte limit"
+        if error is None:
+            items, error, context = _parse_body(body, _ENDPOINTS[path])
+        ex = _Exchange(
+            h,
+            no,
+            path,
+            strict,
+            auth_ok,
+            len(items),
+            len(body),
+            fault,
+            received_at,
+            content_encoding=encoding,
+            wire_bytes=wire_bytes,
+            context=context,
+            user_agent=user_agent,
+        )
 
         if self.latency_s > 0 and self._stopping.wait(self.latency_s):
             self._abandon(ex)
@@ -651,6 +703,10 @@ class FakeCustomerIO:
             fault=ex.fault,
             dropped=dropped,
             received_at=ex.received_at,
+            content_encoding=ex.content_encoding,
+            wire_bytes=ex.wire_bytes,
+            context=ex.context,
+            user_agent=ex.user_agent,
         )
         with self._cond:
             now = time.monotonic()
@@ -810,32 +866,67 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_body(body: bytes, single_type: str | None) -> tuple[list[Any], str | None]:
-    """The request's items and the first request-level error (items not yet checked)."""
+def _decode_content(body: bytes, encoding: str, limit: int) -> tuple[bytes, str | None]:
+    """``body`` with its ``Content-Encoding`` undone, and why that failed (None if it did not).
+
+    Decompression stops one byte past ``limit``: a small body that inflates without end (a
+    "zip bomb") costs no more memory than a body at the limit.
+    """
+    if encoding == "identity":
+        return body, None
+    # RFC 9110: a recipient should treat x-gzip as gzip.
+    if encoding not in ("gzip", "x-gzip"):
+        return body, f"Content-Encoding {encoding!r} is not supported (gzip or identity)"
+    out = bytearray()
+    rest = body
+    while True:  # one gzip member per turn; a body may hold several (RFC 1952)
+        inflater = zlib.decompressobj(_GZIP_WBITS)
+        try:
+            out += inflater.decompress(rest, limit + 1 - len(out))
+        except zlib.error as exc:
+            return body, f"body is not valid gzip: {exc}"
+        if len(out) > limit:
+            return bytes(out), (
+                f"request body decompresses to more than {limit} bytes, over the {limit}-byte limit"
+            )
+        if not inflater.eof:
+            return body, "body is not valid gzip: it ends before the end of the gzip stream"
+        rest = inflater.unused_data
+        if not rest:
+            return bytes(out), None
+
+
+def _parse_body(
+    body: bytes, single_type: str | None
+) -> tuple[list[Any], str | None, dict[str, Any] | None]:
+    """The request's items, the first request-level error (items not yet checked), and a
+    batch's top-level ``context`` (None when absent or not an object)."""
     try:
         doc = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
-        return [], f"body is not valid JSON: {exc}"
+        return [], f"body is not valid JSON: {exc}", None
     if not isinstance(doc, dict):
-        return [], "body must be a JSON object"
+        return [], "body must be a JSON object", None
     if single_type is not None:
         declared = doc.get("type", single_type)
         if declared != single_type:
-            return [doc], f"item 0: 'type' is {declared!r} but the endpoint is /v1/{single_type}"
+            error = f"item 0: 'type' is {declared!r} but the endpoint is /v1/{single_type}"
+            return [doc], error, None
         if "type" not in doc:
             # The endpoint implies the type; stored items always carry it, as in a batch.
             doc = {"type": single_type, **doc}
-        return [doc], None
+        return [doc], None, None
     if "batch" not in doc:
-        return [], "'batch' is missing"
+        return [], "'batch' is missing", None
     batch = doc["batch"]
     if not isinstance(batch, list):
-        return [], "'batch' must be a list"
-    if "context" in doc and not isinstance(doc["context"], dict):
-        return batch, "batch 'context' must be an object"
+        return [], "'batch' must be a list", None
+    context = doc.get("context")
+    if "context" in doc and not isinstance(context, dict):
+        return batch, "batch 'context' must be an object", None
     if "sentAt" in doc and not _is_iso8601(doc["sentAt"]):
-        return batch, "'sentAt' must be an ISO-8601 string"
-    return batch, None
+        return batch, "'sentAt' must be an ISO-8601 string", context
+    return batch, None, context
 
 
 def _first_item_error(items: list[Any]) -> str | None:
@@ -865,11 +956,13 @@ def _item_error(item: Any) -> str | None:
         return "'messageId' must be a string"
     if "timestamp" in item and not _is_iso8601(item["timestamp"]):
         return f"'timestamp' must be an ISO-8601 string, got {item['timestamp']!r}"
-    # A lone surrogate (legal as a JSON escape, not as UTF-8) counts 3 bytes, the size of
-    # the U+FFFD that replaces it on the way into a UTF-8 store.
-    size = len(_COMPACT.encode(item).encode("utf-8", "surrogatepass"))
+    # ASCII only: every other character, a lone surrogate included, is a 6-byte \uXXXX escape.
+    size = len(_SDK_JSON.encode(item))
     if size > MAX_ITEM_BYTES:
-        return f"{size} bytes as compact JSON, over the {MAX_ITEM_BYTES}-byte limit"
+        return (
+            f"{size} bytes as Customer.io's SDK measures it (json.dumps, non-ASCII as \\u "
+            f"escapes), over the {MAX_ITEM_BYTES}-byte limit"
+        )
     return None
 
 

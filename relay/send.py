@@ -175,7 +175,7 @@ class Sender:
         s = self.relay.settings
         chains = plan_chains(
             [i.customer_key for i in items],
-            [len(i.encoded) for i in items],
+            [i.size for i in items],
             max_items=s.batch_size,
             max_bytes=MAX_BATCH_BYTES,
         )

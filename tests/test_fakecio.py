@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import json
 import os
 import selectors
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -54,11 +56,14 @@ def batch(*items: Any) -> dict[str, Any]:
     return {"batch": list(items), "sentAt": "2024-05-01T12:00:00Z"}
 
 
-def item_of_size(size: int) -> dict[str, Any]:
-    """A track item exactly ``size`` bytes long as compact JSON."""
+def item_of_size(size: int, char: str = "x") -> dict[str, Any]:
+    """A track item exactly ``size`` bytes long as Customer.io's SDK measures it,
+    ``len(json.dumps(item))``, padded with ``char`` (and "x" for the remainder)."""
     item = track(properties={"pad": ""})
-    base = len(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
-    item["properties"]["pad"] = "x" * (size - base)
+    room = size - len(json.dumps(item))
+    unit = len(json.dumps(char)) - 2
+    item["properties"]["pad"] = char * (room // unit) + "x" * (room % unit)
+    assert len(json.dumps(item)) == size
     return item
 
 
@@ -254,10 +259,12 @@ def test_an_invalid_batch_without_strict_mode_is_200_and_dropped(cio: FakeCustom
     assert (last_request(cio).dropped, last_request(cio).strict) == (True, False)
 
 
-def test_item_size_limit_is_32768_bytes_of_compact_json(
-    cio: FakeCustomerIO, client: httpx.Client
+@pytest.mark.parametrize("char", ["x", "é", "🔥", "\x7f"])
+def test_item_size_limit_is_32768_bytes_as_the_sdk_measures_it(
+    cio: FakeCustomerIO, client: httpx.Client, char: str
 ) -> None:
-    at_limit, over_limit = item_of_size(MAX_ITEM_BYTES), item_of_size(MAX_ITEM_BYTES + 1)
+    at_limit = item_of_size(MAX_ITEM_BYTES, char)
+    over_limit = item_of_size(MAX_ITEM_BYTES + 1, char)
 
     assert client.post("/v1/batch", json=batch(at_limit)).status_code == 200
     response = client.post("/v1/batch", json=batch(identify(), over_limit))
@@ -267,9 +274,12 @@ def test_item_size_limit_is_32768_bytes_of_compact_json(
     assert cio.accepted_items() == [at_limit]
 
 
-def test_item_size_counts_utf8_bytes_not_characters(client: httpx.Client) -> None:
-    # 20000 characters, 40000 bytes: over the limit although the character count is not.
-    item = track(properties={"name": "é" * 20000})
+@pytest.mark.parametrize("text", ["é" * 6000, "🔥" * 3000])
+def test_item_size_counts_ascii_escapes_not_utf8_bytes(client: httpx.Client, text: str) -> None:
+    # 12,000 bytes of UTF-8 but 36,000 once each "é" is written \u00e9 (an emoji is a
+    # 12-byte surrogate pair): over the limit as Customer.io's SDK counts it.
+    item = track(properties={"name": text})
+    assert len(json.dumps(item, ensure_ascii=False).encode()) < MAX_ITEM_BYTES
 
     response = client.post("/v1/batch", json=batch(item))
 
@@ -809,3 +819,130 @@ def test_cli_prints_its_url_serves_and_stops_on_sigterm() -> None:
                 proc.wait()
         assert proc.stderr is not None
         assert proc.stderr.read() == b""
+
+
+# -- gzip request bodies ---------------------------------------------------------------------
+
+GZIP = {"Content-Encoding": "gzip"}
+
+
+def test_a_gzip_body_is_decompressed_and_accepted(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    items = [identify("a", messageId="m1"), track("a", messageId="m2")]
+    body = json.dumps({**batch(*items), "context": {"library": {"name": "x", "version": "1"}}})
+    raw = body.encode()
+    wire = gzip.compress(raw)
+
+    response = client.post("/v1/batch", content=wire, headers=GZIP)
+
+    assert response.status_code == 200
+    assert cio.accepted_items() == items
+    record = last_request(cio)
+    assert (record.content_encoding, record.bytes, record.wire_bytes) == (
+        "gzip",
+        len(raw),
+        len(wire),
+    )
+    assert record.context == {"library": {"name": "x", "version": "1"}}
+    assert cio.stats()["gzipped"] == 1
+
+
+def test_a_body_of_several_gzip_members_is_their_concatenation(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    raw = json.dumps(batch(identify("a"), track("a"))).encode()
+    wire = gzip.compress(raw[:10]) + gzip.compress(raw[10:])
+
+    response = client.post("/v1/batch", content=wire, headers={"Content-Encoding": "x-gzip"})
+
+    assert response.status_code == 200
+    assert cio.accepted_items() == [identify("a"), track("a")]
+
+
+def test_an_uncompressed_body_records_no_encoding(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    raw = json.dumps(batch(identify())).encode()
+
+    assert client.post("/v1/batch", content=raw).status_code == 200
+    record = last_request(cio)
+    assert (record.content_encoding, record.wire_bytes, record.bytes) == (None, None, len(raw))
+    assert record.context is None
+    assert cio.stats()["gzipped"] == 0
+
+
+def _corrupt_crc(data: bytes) -> bytes:
+    # The trailer is CRC-32 then ISIZE, 4 bytes each.
+    return data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:]
+
+
+_VALID = gzip.compress(json.dumps(batch(identify())).encode())
+
+
+@pytest.mark.parametrize(
+    ("wire", "encoding", "reason"),
+    [
+        (json.dumps(batch(identify())).encode(), "gzip", "not valid gzip: Error -3"),
+        (_VALID[:-5], "gzip", "not valid gzip: it ends before the end of the gzip stream"),
+        (b"", "gzip", "not valid gzip: it ends before the end of the gzip stream"),
+        (_corrupt_crc(_VALID), "gzip", "not valid gzip: Error -3"),
+        (_VALID + b"trailing", "gzip", "not valid gzip: Error -3"),
+        (_VALID, "br", "Content-Encoding 'br' is not supported"),
+    ],
+    ids=["plain-json", "truncated", "empty", "bad-crc", "trailing-garbage", "brotli"],
+)
+def test_a_body_that_cannot_be_decoded_is_400_naming_the_reason(
+    cio: FakeCustomerIO, client: httpx.Client, wire: bytes, encoding: str, reason: str
+) -> None:
+    response = client.post("/v1/batch", content=wire, headers={"Content-Encoding": encoding})
+
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+    assert cio.accepted == []
+    record = last_request(cio)
+    assert (record.content_encoding, record.wire_bytes, record.items) == (encoding, len(wire), 0)
+
+
+def test_bad_gzip_without_strict_mode_is_200_and_dropped(cio: FakeCustomerIO) -> None:
+    with http_client(base_url=cio.url, auth=(KEY, "")) as lenient:
+        response = lenient.post("/v1/batch", content=b"not gzip", headers=GZIP)
+
+    assert response.status_code == 200
+    assert cio.accepted == []
+    assert last_request(cio).dropped
+
+
+def test_the_request_size_limit_applies_to_the_decompressed_body(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    at_limit = gzip.compress(request_body_of_size(MAX_REQUEST_BYTES))
+    over_limit = gzip.compress(request_body_of_size(MAX_REQUEST_BYTES + 1))
+    assert len(over_limit) < MAX_REQUEST_BYTES // 10  # small on the wire
+
+    assert client.post("/v1/batch", content=at_limit, headers=GZIP).status_code == 200
+    accepted = len(cio.accepted)
+    response = client.post("/v1/batch", content=over_limit, headers=GZIP)
+
+    assert accepted > 0
+    assert response.status_code == 400
+    assert "decompresses to more than 512000 bytes" in response.json()["error"]
+    assert len(cio.accepted) == accepted
+    record = last_request(cio)
+    assert (record.bytes, record.wire_bytes) == (MAX_REQUEST_BYTES + 1, len(over_limit))
+
+
+def test_a_gzip_bomb_is_refused_after_the_limit_not_inflated_whole(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    # 32 MiB of zeros in about 32 KiB: inflated whole, 64 times the largest valid body.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    wire = b"".join(compressor.compress(zeros) for _ in range(32)) + compressor.flush()
+    assert len(wire) < 64 * 1024
+
+    response = client.post("/v1/batch", content=wire, headers=GZIP)
+
+    assert response.status_code == 400
+    assert "decompresses to more than 512000 bytes" in response.json()["error"]
+    assert last_request(cio).bytes == MAX_REQUEST_BYTES + 1

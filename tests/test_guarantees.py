@@ -128,6 +128,12 @@ def test_a_malformed_row_affects_only_its_own_message(
     assert [d[0] for d in dead] == ["poison-1"], dead
     assert dead[0][1], "a dead message names its reason"
     assert states(dsn).keys() <= {"delivered", "coalesced", "dead"}
+    # Counted where the dead-message alert looks, like a message Customer.io rejected.
+    labels = {"destination": "default", "event": "user.registered", "kind": "identify"}
+    dead_count = relay.metrics.registry.get_sample_value(
+        "relay_messages_total", {**labels, "outcome": "dead"}
+    )
+    assert dead_count == 1
     accepted = set(cio.accepted_message_ids())
     for (mid,) in query(dsn, "SELECT message_id FROM relay_outbox WHERE state = 'delivered'"):
         assert mid in accepted
