@@ -1,9 +1,12 @@
 """Cutting a run of encoded messages into ``/v1/batch`` requests that Customer.io accepts.
 
 Pure functions over byte sizes: the caller encodes each message once, passes the sizes, and
-slices its own list with the ranges returned. Ranges are consecutive and in send order, because
-the caller relies on that order for each customer's messages (an identify before the tracks
-that follow it).
+slices its own list with the ranges returned. Sizes are Customer.io's measure
+(``relay.limits``: ``len(json.dumps(msg))``, ASCII escapes and ``", "`` separators), and so is
+the request around them, so a batch that fits here fits however the SDK would count it; the
+relay's wire form (UTF-8, compact where it re-encodes) is never longer. Ranges are
+consecutive and in send order, because the caller relies on that order for each customer's
+messages (an identify before the tracks that follow it).
 
 With ``X-Strict-Mode: 1`` an over-limit request is a ``400`` for the whole batch, so the limits
 are enforced here, before sending, rather than discovered by bisecting.
@@ -18,12 +21,15 @@ from relay.limits import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES
 # The official SDK's item limit per batch.
 DEFAULT_MAX_ITEMS = 100
 
-# The bytes a batch costs besides its items: the wrapper and ``sentAt`` with the longest
-# timestamp the relay writes (microseconds and a numeric offset). The comma between items is
-# not in here; ``plan_batches`` adds one per item after the first. A batch-level "context"
-# would have to be added to this figure.
-_ENVELOPE = '{"batch":[],"sentAt":"2026-11-29T10:00:00.000000+00:00"}'
-ENVELOPE_BYTES = len(_ENVELOPE.encode("utf-8"))
+# The bytes a batch costs besides its items, as json.dumps writes the request: the wrapper and
+# ``sentAt`` with the longest timestamp the relay writes (microseconds and a numeric offset).
+# The separator between items is not in here; ``plan_batches`` adds one per item after the
+# first. A batch-level "context" would have to be added to this figure.
+_ENVELOPE = '{"batch": [], "sentAt": "2026-11-29T10:00:00.000000+00:00"}'
+ENVELOPE_BYTES = len(_ENVELOPE)
+
+# json.dumps' item separator, ", ".
+SEPARATOR_BYTES = 2
 
 
 def oversize(sizes: Sequence[int]) -> list[int]:
@@ -42,9 +48,10 @@ def plan_batches(
 ) -> list[range]:
     """Split items, in order, into consecutive batches that fit both limits.
 
-    ``sizes[i]`` is the encoded size in bytes of item ``i``. Each returned range is one batch:
-    ``ENVELOPE_BYTES + sum(sizes) + (len - 1)`` commas is at most ``max_bytes``, and it holds
-    between 1 and ``max_items`` items. Concatenated, the ranges are ``range(len(sizes))``.
+    ``sizes[i]`` is item ``i``'s size as Customer.io measures it. Each returned range is one
+    batch: ``ENVELOPE_BYTES + sum(sizes) + SEPARATOR_BYTES * (len - 1)`` is at most
+    ``max_bytes``, and it holds between 1 and ``max_items`` items. Concatenated, the ranges are
+    ``range(len(sizes))``.
 
     Batches are filled greedily: a batch closes only when the next item would break a limit.
     Packing out of order could make fewer requests but would reorder a customer's messages.
@@ -75,11 +82,11 @@ def plan_batches(
                 f"sizes[{i}] is {size} bytes, over the {MAX_MESSAGE_BYTES}-byte message limit"
             )
         count = i - start
-        comma = 1 if count else 0
-        if count and (count >= max_items or used + comma + size > max_bytes):
+        separator = SEPARATOR_BYTES if count else 0
+        if count and (count >= max_items or used + separator + size > max_bytes):
             batches.append(range(start, i))
-            start, used, comma = i, ENVELOPE_BYTES, 0
-        used += comma + size
+            start, used, separator = i, ENVELOPE_BYTES, 0
+        used += separator + size
     if start < len(sizes):
         batches.append(range(start, len(sizes)))
     return batches
@@ -113,7 +120,7 @@ def plan_chains(
     used = ENVELOPE_BYTES
     for group in groups:
         group_sizes = [sizes[i] for i in group]
-        group_bytes = sum(group_sizes) + len(group) - 1
+        group_bytes = sum(group_sizes) + SEPARATOR_BYTES * (len(group) - 1)
         if len(group) > max_items or ENVELOPE_BYTES + group_bytes > max_bytes:
             # Too big for one batch: its own chain, split in order.
             offset = group.start
@@ -126,10 +133,11 @@ def plan_chains(
             current = None  # the next customer starts a new batch after this chain
             continue
         if current is not None and (
-            len(current) + len(group) <= max_items and used + 1 + group_bytes <= max_bytes
+            len(current) + len(group) <= max_items
+            and used + SEPARATOR_BYTES + group_bytes <= max_bytes
         ):
             current = range(current.start, group.stop)
-            used += 1 + group_bytes
+            used += SEPARATOR_BYTES + group_bytes
             chains[-1] = [current]
             continue
         current = group

@@ -44,20 +44,31 @@ Identify traits
                                                               opt-in
     created_at                  customer.created_at           int Unix seconds
     last_session_id             customer.last_session_id
-    funnelData                  customer.funnel_data          all session variables
+    funnelData                  customer.funnel_data, or      all session variables
+                                customer.funnelData
     has_active_subscription     customer.subscriptions        subscription.created only
     active_subscription_count   customer.subscriptions        subscription.created only
     subscriptions               customer.subscriptions        subscription.created only;
-                                                              [{id, status, priceId,
+                                                              each object as given: {id,
+                                                              status, priceId,
                                                               currentPeriodStart,
-                                                              currentPeriodEnd, createdAt}]
+                                                              currentPeriodEnd, createdAt}
+                                                              and any other key
 
 A trait whose source is absent or null is omitted, never sent as null: a null would erase
 what Customer.io already holds. For the same reason the three subscription traits are
 omitted when the event carries no ``subscriptions`` list at all (an explicit empty list
-does send ``false``, ``0`` and ``[]``). A subscription counts as active when its status is
-in ``MappingConfig.active_statuses``. Empty strings are values like any other and are sent
-as given, except an empty email, which means "no email".
+does send ``false``, ``0`` and ``[]``). Inside a subscription object a null field is omitted
+likewise; every other field, named by the spec or not, is passed on unchanged, whatever its
+JSON type (the spec names the fields, not their types). A subscription counts as active when
+its ``status`` is a string in ``MappingConfig.active_statuses``; any other status (missing,
+null, a number, an object) counts as not active rather than failing the event, track
+included. Empty strings are values like any other and are sent as given, except an empty
+email, which means "no email".
+
+``funnelData`` may come as ``customer.funnel_data`` or as ``customer.funnelData`` (the spec's
+spelling of the trait). Both at once (neither null) is refused as ambiguous, even when equal:
+which one was meant is not the relay's guess to make.
 
 Rules
 =====
@@ -70,8 +81,12 @@ Rules
 - ``timestamp`` is ``occurred_at`` in UTC, ISO-8601 with milliseconds and a ``Z``
   (``2026-11-28T10:00:00.000Z``). Sub-millisecond digits are truncated.
 - ``messageId`` is ``uuid5(MESSAGE_ID_NAMESPACE, f"{event_id}:{kind}")``.
-- A message larger than ``MAX_MESSAGE_BYTES`` once encoded is rejected with
-  ``InvalidEvent("traits" | "properties", ...)``, naming the part to trim.
+- A message larger than ``MAX_MESSAGE_BYTES`` as Customer.io measures it is rejected with
+  ``InvalidEvent("traits" | "properties", ...)``, naming the part to trim and the size. The
+  measure is its official SDK's, ``len(json.dumps(message))``: non-ASCII characters count as
+  their ``\\uXXXX`` escapes (6 bytes, 12 for an emoji), and floats as jsonb will spell them
+  (``relay.limits.message_size``). ``OutboxMessage.encoded`` is written that way, so its
+  length is the size judged but for that float spelling.
 
 Validation
 ==========
@@ -81,12 +96,18 @@ not plain identifiers are written as JSON strings in brackets
 (``properties["first-name"]``) so the path stays printable even when the key holds a NUL.
 ``event`` names the event as a whole (when it is not an object at all).
 
-Free-form values (``properties``, ``customer.funnel_data``, subscription fields) must be
-JSON: str, int, finite float, bool, None, lists (tuples are accepted and become lists) and
-objects with string keys, nested at most ``MAX_DEPTH`` containers deep. Every string
+Free-form values (``properties``, ``customer.funnel_data``, every field of a subscription)
+must be JSON: str, int, finite float, bool, None, lists (tuples are accepted and become lists)
+and objects with string keys, nested at most ``MAX_DEPTH`` containers deep. Every string
 anywhere in the event, keys included, must be storable by PostgreSQL's jsonb: no NUL
 character and no unpaired surrogate. Unknown keys in ``customer`` and at the top level of
 the event are ignored, so AppFunnel can add fields without breaking the relay.
+
+Keys that land in indexed columns are bounded in UTF-8 bytes, before any SQL, so that an
+over-long one is an ``InvalidEvent`` rather than an index error that aborts the caller's
+transaction: the event ``id`` (``relay.limits.MAX_EVENT_ID_BYTES``), ``customer.id`` and
+``customer.email`` (``MAX_CUSTOMER_KEY_BYTES``; either may be the ``userId``) and
+``customer.project_id`` (``MAX_PROJECT_ID_BYTES``).
 """
 
 from __future__ import annotations
@@ -98,12 +119,19 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
 
 from relay.errors import InvalidEvent
-from relay.limits import MAX_MESSAGE_BYTES
+from relay.limits import (
+    MAX_CUSTOMER_KEY_BYTES,
+    MAX_EVENT_ID_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_PROJECT_ID_BYTES,
+    message_size,
+    sdk_json,
+    utf8_size,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -141,9 +169,6 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
 # event could no longer be matched with its earlier delivery downstream. Never change it.
 MESSAGE_ID_NAMESPACE: Final = uuid.UUID("fd7afa49-0e51-4d62-bad0-7d0f13ee8d73")
 
-# Customer.io's per-message limit; with strict mode it answers 400 beyond it, and a 400
-# inside a batch would fail every other message sharing the request.
-
 # Deep enough for any real payload, shallow enough that validation, json and jsonb never
 # approach a recursion limit (a self-referencing dict also stops here).
 MAX_DEPTH: Final = 32
@@ -173,7 +198,8 @@ _CUSTOMER_STRING_FIELDS: Final = (
     "last_session_id",
 )
 
-# (attribute on Subscription, key in AppFunnel's payload and in the Customer.io trait)
+# (attribute on Subscription, key in AppFunnel's payload and in the Customer.io trait), in the
+# spec's order, which the trait keeps.
 _SUBSCRIPTION_KEYS: Final = (
     ("id", "id"),
     ("status", "status"),
@@ -186,14 +212,24 @@ _SUBSCRIPTION_KEYS: Final = (
 
 @dataclass(frozen=True)
 class Subscription:
-    """One subscription as AppFunnel reports it; the period fields are passed on verbatim."""
+    """One subscription as AppFunnel reports it, passed on to Customer.io as given.
 
-    id: str
-    status: str
-    price_id: str | None = None
-    current_period_start: str | None = None
-    current_period_end: str | None = None
-    created_at: str | None = None
+    The spec names the fields but not their types, so each holds any JSON value; ``extra``
+    holds the keys it does not name (``cancelAtPeriodEnd``, ...), sent after the named ones.
+    A field that is ``None`` is omitted from the trait, as a null trait is. The mapping reads
+    only ``status``: the subscription is active when it is a string listed in
+    ``MappingConfig.active_statuses``, and not active for any other value (missing, null, a
+    number, an object), which is sent as given rather than failing the event.
+    """
+
+    id: Any = None
+    status: Any = None
+    price_id: Any = None
+    current_period_start: Any = None
+    current_period_end: Any = None
+    created_at: Any = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Keys the spec does not name, in order; a key that is also a named field is refused."""
 
 
 @dataclass(frozen=True)
@@ -296,7 +332,9 @@ class OutboxMessage:
     body: Mapping[str, Any]
     """The batch item; always equal to ``json.loads(encoded)``."""
     encoded: bytes
-    """Compact UTF-8 JSON of ``body``; its length is what the size limit applies to."""
+    """``body`` as Customer.io's SDK writes it (``json.dumps`` defaults: ASCII with ``\\u``
+    escapes, ``", "`` and ``": "``): its length is the size Customer.io counts, which the
+    limit applies to, plus the growth of any float jsonb spells longer."""
 
 
 # --------------------------------------------------------------------------- mapping
@@ -394,13 +432,14 @@ def _message(
     key: str,
     draft: dict[str, Any],
 ) -> OutboxMessage:
-    encoded = json.dumps(draft, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    size = len(encoded) + _jsonb_float_growth(draft)
+    # One encoding serves both: the text is what the size limit measures, and what is stored.
+    text = sdk_json(draft)
+    size = message_size(draft, text)
     if size > MAX_MESSAGE_BYTES:
         raise InvalidEvent(
             trim_field,
-            f"{kind} message is {size} bytes once encoded, "
-            f"over Customer.io's {MAX_MESSAGE_BYTES}-byte limit",
+            f"{kind} message is {size} bytes as Customer.io measures it (JSON with non-ASCII "
+            f"characters as \\u escapes), over its {MAX_MESSAGE_BYTES}-byte limit",
         )
     return OutboxMessage(
         kind=kind,
@@ -412,25 +451,9 @@ def _message(
         occurred_at=event.occurred_at,
         # Decoded from the bytes rather than reusing the draft: the body shares nothing
         # with the event, and cannot disagree with what will be sent.
-        body=json.loads(encoded),
-        encoded=encoded,
+        body=json.loads(text),
+        encoded=text.encode("ascii"),
     )
-
-
-def _jsonb_float_growth(value: object) -> int:
-    """How many bytes longer the message's floats are once stored in jsonb and sent.
-
-    jsonb keeps numbers as ``numeric``, which prints without an exponent: ``1e300`` comes back
-    as 301 digits and ``1e-07`` as ``0.0000001``. The relay sends what the outbox holds, so the
-    size limit must count that spelling, or a message accepted here would die unsent.
-    """
-    if isinstance(value, float):
-        return len(format(Decimal(repr(value)), "f")) - len(json.dumps(value))
-    if isinstance(value, dict):
-        return sum(_jsonb_float_growth(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_jsonb_float_growth(v) for v in value)
-    return 0
 
 
 def _traits(event: Event, config: MappingConfig) -> dict[str, Any]:
@@ -453,17 +476,24 @@ def _traits(event: Event, config: MappingConfig) -> dict[str, Any]:
     )
     traits = {name: value for name, value in candidates if value is not None}
     if event.type == "subscription.created" and customer.subscriptions is not None:
-        active = sum(1 for s in customer.subscriptions if s.status in config.active_statuses)
+        active = sum(
+            1
+            for s in customer.subscriptions
+            if isinstance(s.status, str) and s.status in config.active_statuses
+        )
         traits["has_active_subscription"] = active > 0
         traits["active_subscription_count"] = active
         traits["subscriptions"] = [_subscription_trait(s) for s in customer.subscriptions]
     return traits
 
 
-def _subscription_trait(subscription: Subscription) -> dict[str, str]:
-    trait: dict[str, str] = {}
+def _subscription_trait(subscription: Subscription) -> dict[str, Any]:
+    trait: dict[str, Any] = {}
     for attribute, key in _SUBSCRIPTION_KEYS:
         value = getattr(subscription, attribute)
+        if value is not None:
+            trait[key] = value
+    for key, value in subscription.extra.items():
         if value is not None:
             trait[key] = value
     return trait
@@ -482,6 +512,7 @@ def parse_event(data: Mapping[str, Any] | Event) -> Event:
     if not isinstance(raw, Mapping):
         raise InvalidEvent("event", f"must be an object, got {_type_name(raw)}")
     event_id = _required_string(raw, "id", "id")
+    _check_bytes(event_id, "id", MAX_EVENT_ID_BYTES, "MAX_EVENT_ID_BYTES")
     event_type = raw.get("type")
     if event_type is None:
         raise InvalidEvent("type", "is required")
@@ -524,6 +555,7 @@ def _parse_customer(raw: object) -> Customer:
     if not isinstance(raw, Mapping):
         raise InvalidEvent("customer", f"must be an object, got {_type_name(raw)}")
     customer_id = _required_string(raw, "id", "customer.id")
+    _check_bytes(customer_id, "customer.id", MAX_CUSTOMER_KEY_BYTES, "MAX_CUSTOMER_KEY_BYTES")
     strings: dict[str, str | None] = {}
     for name in _CUSTOMER_STRING_FIELDS:
         value = raw.get(name)
@@ -536,20 +568,22 @@ def _parse_customer(raw: object) -> Customer:
     email = strings["email"]
     if email == "":
         email = None
-    elif email is not None and "@" not in email:
-        raise InvalidEvent("customer.email", "is not an email address (no '@')")
+    elif email is not None:
+        if "@" not in email:
+            raise InvalidEvent("customer.email", "is not an email address (no '@')")
+        # Bounded whatever MappingConfig.user_key says: whether an event is valid does not
+        # depend on the relay's configuration.
+        _check_bytes(email, "customer.email", MAX_CUSTOMER_KEY_BYTES, "MAX_CUSTOMER_KEY_BYTES")
+    project_id = strings["project_id"]
+    if project_id is not None:
+        _check_bytes(
+            project_id, "customer.project_id", MAX_PROJECT_ID_BYTES, "MAX_PROJECT_ID_BYTES"
+        )
     consent = raw.get("marketing_consent")
     if consent is not None and not isinstance(consent, bool):
         raise InvalidEvent(
             "customer.marketing_consent", f"must be a boolean, got {_type_name(consent)}"
         )
-    funnel_data = raw.get("funnel_data")
-    if funnel_data is not None:
-        if not isinstance(funnel_data, Mapping):
-            raise InvalidEvent(
-                "customer.funnel_data", f"must be an object, got {_type_name(funnel_data)}"
-            )
-        funnel_data = _json_copy(funnel_data, "customer.funnel_data", 1)
     return Customer(
         id=customer_id,
         email=email,
@@ -559,15 +593,34 @@ def _parse_customer(raw: object) -> Customer:
         country=strings["country"],
         city=strings["city"],
         state=strings["state"],
-        project_id=strings["project_id"],
+        project_id=project_id,
         first_campaign_slug=strings["first_campaign_slug"],
         campaign_base_url=strings["campaign_base_url"],
         marketing_consent=consent,
         created_at=_parse_created_at(raw.get("created_at")),
         last_session_id=strings["last_session_id"],
-        funnel_data=funnel_data,
+        funnel_data=_parse_funnel_data(raw),
         subscriptions=_parse_subscriptions(raw.get("subscriptions")),
     )
+
+
+def _parse_funnel_data(customer: Mapping[Any, Any]) -> dict[str, Any] | None:
+    snake, camel = customer.get("funnel_data"), customer.get("funnelData")
+    if snake is not None and camel is not None:
+        raise InvalidEvent(
+            "customer.funnelData",
+            "is given together with customer.funnel_data; both are the funnelData trait, "
+            "send only one",
+        )
+    value, path = (
+        (camel, "customer.funnelData") if camel is not None else (snake, "customer.funnel_data")
+    )
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidEvent(path, f"must be an object, got {_type_name(value)}")
+    copied: dict[str, Any] = _json_copy(value, path, 1)
+    return copied
 
 
 def _parse_created_at(value: object) -> int | None:
@@ -604,33 +657,11 @@ def _parse_subscriptions(value: object) -> tuple[Subscription, ...] | None:
         item_path = f"{path}[{index}]"
         if not isinstance(item, Mapping):
             raise InvalidEvent(item_path, f"must be an object, got {_type_name(item)}")
-        for required in ("id", "status"):
-            if item.get(required) is None:
-                raise InvalidEvent(f"{item_path}.{required}", "is required")
-        for key, field_value in item.items():
-            if not isinstance(key, str):
-                raise InvalidEvent(
-                    f"{item_path}[{key!r}]",
-                    f"key has type {_type_name(key)}; object keys must be strings",
-                )
-            key_path = _key_path(item_path, key)
-            _check_text(key, key_path)
-            if field_value is None:
-                continue
-            if not isinstance(field_value, str):
-                expected = "a string" if key in ("id", "status") else "a string or null"
-                raise InvalidEvent(key_path, f"must be {expected}, got {_type_name(field_value)}")
-            _check_text(field_value, key_path)
-        parsed.append(
-            Subscription(
-                id=item["id"],
-                status=item["status"],
-                price_id=item.get("priceId"),
-                current_period_start=item.get("currentPeriodStart"),
-                current_period_end=item.get("currentPeriodEnd"),
-                created_at=item.get("createdAt"),
-            )
-        )
+        # Every field is free-form JSON, checked as properties are (the list is one level, the
+        # object a second); the named ones are lifted out, the rest kept in order in ``extra``.
+        fields: dict[str, Any] = _json_copy(item, item_path, 2)
+        named = {attribute: fields.pop(key, None) for attribute, key in _SUBSCRIPTION_KEYS}
+        parsed.append(Subscription(**named, extra=fields))
     return tuple(parsed)
 
 
@@ -717,6 +748,14 @@ def _check_text(text: str, path: str) -> None:
         raise InvalidEvent(path, _SURROGATE_REASON)
 
 
+def _check_bytes(text: str, path: str, limit: int, name: str) -> None:
+    size = utf8_size(text)
+    if size > limit:
+        raise InvalidEvent(
+            path, f"is {size} bytes in UTF-8, over the {limit}-byte limit (relay.limits.{name})"
+        )
+
+
 def _key_path(parent: str, key: str) -> str:
     if _IDENTIFIER.match(key):
         return f"{parent}.{key}"
@@ -734,10 +773,10 @@ def _event_as_mapping(event: Event) -> dict[str, Any]:
         subscriptions: object = customer.subscriptions
         if isinstance(subscriptions, (list, tuple)):
             subscriptions = [
-                {key: getattr(s, attribute) for attribute, key in _SUBSCRIPTION_KEYS}
+                _subscription_as_mapping(s, f"customer.subscriptions[{i}]")
                 if isinstance(s, Subscription)
                 else s
-                for s in subscriptions
+                for i, s in enumerate(subscriptions)
             ]
         customer = {
             "id": customer.id,
@@ -754,3 +793,21 @@ def _event_as_mapping(event: Event) -> dict[str, Any]:
         "customer": customer,
         "properties": event.properties,
     }
+
+
+def _subscription_as_mapping(subscription: Subscription, path: str) -> dict[str, Any]:
+    named = {
+        key: getattr(subscription, attribute)
+        for attribute, key in _SUBSCRIPTION_KEYS
+        if getattr(subscription, attribute) is not None
+    }
+    extra: object = subscription.extra
+    if not isinstance(extra, Mapping):
+        raise InvalidEvent(f"{path}.extra", f"must be a mapping, got {_type_name(extra)}")
+    for attribute, key in _SUBSCRIPTION_KEYS:
+        if key in named and key in extra:
+            raise InvalidEvent(
+                _key_path(path, key),
+                f"is given twice: as Subscription.{attribute} and in Subscription.extra",
+            )
+    return {**named, **extra}

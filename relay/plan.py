@@ -11,7 +11,11 @@ from its first due row on, in write order. ``plan_claim`` decides, per customer:
    over the size limit) is dead at once with a reason naming the field. It affects only its own
    message: the rest of the run goes on, and coalescing never sees it. The claim query checks
    the shape on jsonb first (``shape_ok``); a track that passes is sent as stored, unparsed,
-   and only the rest is parsed and judged here.
+   and only the rest is parsed and judged here. Sizes are judged as Customer.io measures them
+   (``relay.limits``): a stored body from its jsonb text, counted without a parse, so the fast
+   path stays unparsed. A run whose ``project_id`` is longer than ``MAX_PROJECT_ID_BYTES``
+   (only SQL can write one; ``record_event`` refuses it) is dead before routing: held, it would
+   need an index entry PostgreSQL refuses, and the claim that tried would fail as a whole.
 4. **Coalescing** (``relay.coalesce``): the fresh identifies merge into one, sent in write order.
 
 Nothing here raises on row content: a body that breaks an assumption is dead, never an
@@ -29,7 +33,13 @@ from typing import Any, Literal, cast
 
 from relay.coalesce import Claimed, Outgoing, coalesce
 from relay.destinations import Route
-from relay.limits import MAX_MESSAGE_BYTES
+from relay.limits import (
+    MAX_MESSAGE_BYTES,
+    MAX_PROJECT_ID_BYTES,
+    message_size,
+    text_size,
+    utf8_size,
+)
 from relay.models.states import DUE_STATES
 
 
@@ -63,6 +73,14 @@ class Item:
     encoded: bytes
     attempts: int
     age_s: float
+    size: int = -1
+    """The message's size as Customer.io measures it (``relay.limits``), which batching packs
+    by; never less than ``len(encoded)``. The planner passes the size it judged; left at -1 it
+    is measured from ``encoded`` on construction."""
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            object.__setattr__(self, "size", message_size(json.loads(self.encoded)))
 
 
 @dataclass
@@ -93,7 +111,8 @@ class ClaimPlan:
 
 
 def encode(body: Any) -> bytes:
-    """Compact JSON, as Customer.io measures a message."""
+    """Compact UTF-8 JSON, as a re-encoded body is stored and sent (never longer than what
+    Customer.io counts, ``relay.limits.message_size``)."""
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -158,8 +177,27 @@ def _iso8601(value: Any) -> bool:
     return True
 
 
-def _oversize(encoded: bytes) -> str:
-    return f"message is {len(encoded)} bytes, over Customer.io's {MAX_MESSAGE_BYTES}-byte limit"
+def _oversize(size: int) -> str:
+    return (
+        f"message is {size} bytes as Customer.io measures it (JSON with non-ASCII characters "
+        f"as \\u escapes), over its {MAX_MESSAGE_BYTES}-byte limit"
+    )
+
+
+def project_problem(project_id: str | None) -> str | None:
+    """Why no row of this project can be planned, or None: an id over the limit
+    ``record_event`` enforces, which only SQL can have written. Held, such a row would need an
+    entry in relay_outbox_held_idx over a btree's limit, failing the whole claim."""
+    if project_id is None:
+        return None
+    size = utf8_size(project_id)
+    if size <= MAX_PROJECT_ID_BYTES:
+        return None
+    return (
+        f"project_id is {size} bytes, over the {MAX_PROJECT_ID_BYTES}-byte limit "
+        "(relay.limits.MAX_PROJECT_ID_BYTES) that record_event enforces; held, the row could "
+        "not be indexed"
+    )
 
 
 def plan_claim(
@@ -178,6 +216,10 @@ def plan_claim(
         if not run:
             continue
         plan.claimed += len(run)
+        unroutable = project_problem(run[0].project_id)
+        if unroutable is not None:
+            plan.dead.update((r.id, unroutable) for r in run)
+            continue
         where = route(run[0].project_id)
         if where.destination is None:
             plan.held[where.reason or "no destination"].extend(r.id for r in run)
@@ -205,33 +247,32 @@ def _plan_run(plan: ClaimPlan, customer: str, run: list[ClaimedRow], where: Rout
     send: Sequence[Outgoing] = merged.send
     coalesced: Mapping[int, int] = merged.coalesced_into
     rewritten = {i: encode(b) for i, b in merged.rewritten.items()}
-    carriers = {c: by_id[c] for c in set(coalesced.values())}
-    if any(
-        len(rewritten[c] if c in rewritten else encode(json.loads(row.body_text)))
-        > MAX_MESSAGE_BYTES
-        for c, row in carriers.items()
-    ):
+    # A merged body is sent now as encoded here, and stored for a retry, which sends jsonb's
+    # spelling of it: message_size counts the longer of the two.
+    sizes = {i: message_size(b) for i, b in merged.rewritten.items()}
+    for out in send:
+        if out.row_id not in sizes:
+            # Sent as stored: jsonb's text has json.dumps' separators, so its size is counted
+            # from the text, never parsed or re-encoded.
+            sizes[out.row_id] = text_size(by_id[out.row_id].body_text)
+    carriers = set(coalesced.values())
+    if any(sizes[c] > MAX_MESSAGE_BYTES for c in carriers):
         # A carrier over the limit would be dead, and the identifies merged into it with it,
         # while each part on its own might have gone through: send the parts instead (each
         # judged on its own size below).
         send, coalesced, rewritten = [Outgoing(c.row_id, c.body) for c in claimed], {}, {}
+        sizes = {c.row_id: text_size(by_id[c.row_id].body_text) for c in claimed}
     unit = plan.work.setdefault(where.pause_key, DestinationWork(where))
     for out in send:
         row = by_id[out.row_id]
-        if out.row_id in rewritten:
-            encoded = rewritten[out.row_id]
-        else:
-            encoded = row.body_text.encode()
-            if len(encoded) > MAX_MESSAGE_BYTES:
-                # jsonb's text has a space after every ':' and ','; the limit is judged on the
-                # compact form Customer.io measures.
-                encoded = encode(json.loads(row.body_text))
-        if len(encoded) > MAX_MESSAGE_BYTES:
-            plan.dead[row.id] = _oversize(encoded)
+        size = sizes[row.id]
+        if size > MAX_MESSAGE_BYTES:
+            plan.dead[row.id] = _oversize(size)
             continue
+        encoded = rewritten[row.id] if row.id in rewritten else row.body_text.encode()
         plan.in_flight.append(row.id)
         unit.items.append(
-            Item(row.id, customer, row.event, row.kind, encoded, row.attempts, row.age_s)
+            Item(row.id, customer, row.event, row.kind, encoded, row.attempts, row.age_s, size)
         )
     plan.coalesced.update(coalesced)
     plan.rewritten.update(rewritten)

@@ -11,10 +11,12 @@ not its spelling (``1e+16`` comes back as ``10000000000000000``), and JSON means
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
 import os
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -27,6 +29,12 @@ from hypothesis import strategies as st
 
 from relay import InvalidEvent, MappingConfig, record_event
 from relay.fakecio import FakeCustomerIO
+from relay.limits import (
+    MAX_CUSTOMER_KEY_BYTES,
+    MAX_EVENT_ID_BYTES,
+    MAX_PROJECT_ID_BYTES,
+    text_size,
+)
 from relay.mapping import EVENT_TYPES, MAX_DEPTH, MAX_MESSAGE_BYTES, map_event
 from relay.service import drain
 from tests.relay_helpers import KEY, OPTIONAL_CUSTOMER_STRINGS, make_relay, query, states
@@ -179,13 +187,29 @@ def valid_events(draw: st.DrawFn) -> dict[str, Any]:
             )
         )
     if draw(st.booleans()):
-        customer["funnel_data"] = draw(json_object)
+        # Either spelling; the other one absent or null.
+        spelling = draw(st.sampled_from(["funnel_data", "funnelData"]))
+        customer[spelling] = draw(json_object)
+        if draw(st.booleans()):
+            customer["funnelData" if spelling == "funnel_data" else "funnel_data"] = None
     if draw(st.booleans()):
+        # Any JSON value in any field, extra keys too: only the status is read, and a status
+        # that is not a string counts as not active.
         customer["subscriptions"] = draw(
             st.lists(
                 st.fixed_dictionaries(
-                    {"id": non_empty, "status": st.sampled_from(["active", "trialing", "gone"])},
-                    optional={"priceId": st.one_of(text, st.none()), "createdAt": text},
+                    {},
+                    optional={
+                        "id": st.one_of(non_empty, st.integers(0, 10**12)),
+                        "status": st.one_of(
+                            st.sampled_from(["active", "trialing", "gone"]), json_leaf
+                        ),
+                        "priceId": st.one_of(text, st.none()),
+                        "currentPeriodStart": json_leaf,
+                        "createdAt": st.one_of(text, st.integers(0, 2**40)),
+                        "cancelAtPeriodEnd": st.booleans(),
+                        "items": json_value,
+                    },
                 ),
                 max_size=3,
             )
@@ -195,7 +219,8 @@ def valid_events(draw: st.DrawFn) -> dict[str, Any]:
             json_object,
             st.none(),
             st.just({"deep": nested(MAX_DEPTH - 1)}),  # at the limit: accepted
-            st.integers(1_000, 25_000).map(lambda n: {"blob": "é" * n}),  # large, under 32 KB
+            # Large, under 32 KB as Customer.io counts it: each "é" is 6 bytes, \u00e9.
+            st.integers(1_000, 5_000).map(lambda n: {"blob": "é" * n}),
         )
     )
     out: dict[str, Any] = {
@@ -293,9 +318,31 @@ def invalid_events(draw: st.DrawFn) -> tuple[Any, bool]:
                 "unknown type",
                 "key type",
                 "not an object",
+                "long key",
+                "both funnel spellings",
             ]
         )
     )
+    if how == "long key":
+        path, limit = draw(
+            st.sampled_from(
+                [
+                    (("id",), MAX_EVENT_ID_BYTES),
+                    (("customer", "id"), MAX_CUSTOMER_KEY_BYTES),
+                    (("customer", "email"), MAX_CUSTOMER_KEY_BYTES),
+                    (("customer", "project_id"), MAX_PROJECT_ID_BYTES),
+                ]
+            )
+        )
+        char = draw(st.sampled_from(["k", "é", "€", "🔥"]))
+        over = draw(st.integers(1, 3_000))
+        value = char * ((limit + over) // len(char.encode()) + 1)
+        put(doc, path, value + "@example.com" if path[-1] == "email" else value)
+        return doc, True
+    if how == "both funnel spellings":
+        doc["customer"]["funnel_data"] = draw(json_object)
+        doc["customer"]["funnelData"] = draw(json_object)
+        return doc, True
     if how == "missing":
         path = draw(st.sampled_from(REQUIRED))
         if draw(st.booleans()):
@@ -629,14 +676,15 @@ def test_a_custom_event_name_that_cannot_be_sent_is_refused_by_the_config(name: 
 
 
 def track_size(doc: dict[str, Any]) -> int:
-    return len(map_event(doc)[1].encoded)
+    """The track's size as Customer.io's SDK measures it."""
+    return len(json.dumps(map_event(doc)[1].body))
 
 
 def padded_to(size: int, char: str = "x") -> dict[str, Any]:
-    """An event whose track message is exactly ``size`` bytes once encoded."""
+    """An event whose track message is exactly ``size`` bytes as Customer.io measures it."""
     doc = event(f"evt-{size}-{ord(char)}", f"cus-{size}-{ord(char)}", properties={"blob": ""})
     room = size - track_size(doc)
-    unit = len(json.dumps(char, ensure_ascii=False).encode()) - 2
+    unit = len(json.dumps(char)) - 2
     doc["properties"]["blob"] = char * (room // unit) + "x" * (room % unit)
     assert track_size(doc) == size
     return doc
@@ -655,6 +703,8 @@ def test_messages_up_to_32_kb_are_delivered_and_larger_ones_refused(
     refused = [
         (padded_to(MAX_MESSAGE_BYTES, "x"), "properties"),
         (event("evt-chars", "cus-chars", properties={"v": "é" * 17_000}), "properties"),
+        # 24 KB in UTF-8, 72 KB as Customer.io counts it ("\u00e9", 6 bytes each).
+        (event("evt-escaped", "cus-escaped", properties={"v": "é" * 12_000}), "properties"),
         # 6,000 characters, 36,000 bytes: each control character is escaped as \u00XX
         (event("evt-ctl", "cus-ctl", properties={"v": "\x01" * 6_000}), "properties"),
         (
@@ -748,3 +798,229 @@ def test_floats_are_measured_as_jsonb_will_send_them(dsn: str, cio: FakeCustomer
         conn.commit()
     drain_all(dsn, cio)
     assert_delivered_verbatim(dsn, cio, {m.message_id: dict(m.body) for m in map_event(fits)})
+
+
+# --- keys at the limits of PostgreSQL's indexes -----------------------------------------------
+
+
+def text_of_bytes(size: int, seed: int) -> str:
+    """Random text of exactly ``size`` UTF-8 bytes, mixing 1- to 4-byte characters: nothing a
+    btree's compression could shrink, so the index must take it at its full length."""
+    rng = random.Random(seed)
+    chars: list[str] = []
+    left = size
+    while left:
+        width = rng.randint(1, min(4, left))
+        if width == 1:
+            code = rng.randrange(0x21, 0x7F)
+        elif width == 2:
+            code = rng.randrange(0x80, 0x800)
+        elif width == 3:
+            code = rng.choice([rng.randrange(0x800, 0xD800), rng.randrange(0xE000, 0x10000)])
+        else:
+            code = rng.randrange(0x10000, 0x110000)
+        chars.append(chr(code))
+        left -= width
+    text = "".join(chars)
+    assert len(text.encode()) == size
+    return text
+
+
+def event_with_longest_keys(n: int) -> dict[str, Any]:
+    doc = event(
+        text_of_bytes(MAX_EVENT_ID_BYTES, 4 * n), text_of_bytes(MAX_CUSTOMER_KEY_BYTES, 4 * n + 1)
+    )
+    at = "@example.com"
+    doc["customer"]["email"] = text_of_bytes(MAX_CUSTOMER_KEY_BYTES - len(at), 4 * n + 2) + at
+    doc["customer"]["project_id"] = text_of_bytes(MAX_PROJECT_ID_BYTES, 4 * n + 3)
+    return doc
+
+
+def test_keys_at_their_limits_fit_every_index_and_one_byte_more_is_refused(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    by_id, by_email = event_with_longest_keys(0), event_with_longest_keys(1)
+    with psycopg.connect(dsn) as conn:
+        assert record_event(conn, by_id).written == 2
+        # With user_key="email" the longest email is the customer key in the indexes.
+        assert record_event(conn, by_email, mapping=MappingConfig(user_key="email")).written == 2
+        for n, (path, limit) in enumerate(
+            [
+                (("id",), MAX_EVENT_ID_BYTES),
+                (("customer", "id"), MAX_CUSTOMER_KEY_BYTES),
+                (("customer", "email"), MAX_CUSTOMER_KEY_BYTES),
+                (("customer", "project_id"), MAX_PROJECT_ID_BYTES),
+            ]
+        ):
+            doc = copy.deepcopy(event_with_longest_keys(2 + n))
+            holder = doc if len(path) == 1 else doc["customer"]
+            holder[path[-1]] = "x" + holder[path[-1]]  # one byte more
+            with pytest.raises(InvalidEvent) as info:
+                record_event(conn, doc)
+            assert info.value.field == ".".join(path)
+            assert (
+                f"is {limit + 1} bytes in UTF-8, over the {limit}-byte limit" in info.value.reason
+            )
+            assert_usable_after_error(conn, n)
+        conn.commit()
+    lengths = query(
+        dsn,
+        "SELECT DISTINCT octet_length(customer_key), octet_length(project_id) FROM relay_outbox"
+        " WHERE project_id IS NOT NULL",
+    )
+    assert lengths == [(MAX_CUSTOMER_KEY_BYTES, MAX_PROJECT_ID_BYTES)]
+
+    # No destination at all: every row is held, so the longest project id is in the held index.
+    ok, _ = drain(make_relay(dsn, cio, write_key=None), 10)
+    assert ok and states(dsn) == {"held": 12}
+    # A destination for it (its primary key takes the longest id too): everything goes out.
+    with psycopg.connect(dsn) as conn:
+        for doc in (by_id, by_email):
+            conn.execute(
+                "INSERT INTO relay_destination (project_id, region, api_url, write_key)"
+                " VALUES (%s, 'us', %s, %s)",
+                (doc["customer"]["project_id"], cio.url, KEY),
+            )
+        conn.commit()
+    drain_all(dsn, cio)
+    assert states(dsn) == {"delivered": 12}
+    assert {i["userId"] for i in cio.accepted_items()} >= {
+        by_id["customer"]["id"],
+        by_email["customer"]["email"],
+    }
+
+
+def test_a_row_written_by_sql_with_an_over_long_project_id_dies_alone(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    # README "From SQL": nothing checks what an application inserts by hand. 6,000 bytes of
+    # hex cannot be held (relay_outbox_held_idx would refuse the entry), and a claim that
+    # tried failed as a whole, every cycle, for every customer behind it.
+    too_long = random.Random(7).randbytes(3000).hex()
+    # A long key PostgreSQL did store (it compresses well) is harmless: sent like any other.
+    compressible = "k" * 6000
+    with psycopg.connect(dsn) as conn:
+        for n, (customer, project) in enumerate([("cus_sql", too_long), (compressible, None)]):
+            body = {
+                "type": "track",
+                "userId": customer,
+                "event": "purchase.complete",
+                "properties": {"n": n},
+                "timestamp": "2026-11-28T10:00:00.000Z",
+                "messageId": f"evt_sql_{n}:track",
+            }
+            conn.execute(
+                "INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, project_id,"
+                " event_type, body, occurred_at)"
+                " VALUES (%s, %s, 'track', %s, %s, 'purchase.complete', %s, now())",
+                (body["messageId"], f"evt_sql_{n}", customer, project, json.dumps(body)),
+            )
+        conn.execute(
+            "INSERT INTO relay_destination (project_id, region, api_url, write_key)"
+            " VALUES ('prj_ok', 'us', %s, %s)",
+            (cio.url, KEY),
+        )
+        for n in range(3):
+            doc = event(f"evt-ok-{n}", f"cus-ok-{n}")
+            doc["customer"]["project_id"] = "prj_ok"
+            record_event(conn, doc)
+        conn.commit()
+
+    # The compressible key's row has no project and there is no default destination: held.
+    ok, _ = drain(make_relay(dsn, cio, write_key=None), 10)
+    assert ok, states(dsn)
+    rows = query(dsn, "SELECT customer_key, state, last_error FROM relay_outbox ORDER BY id")
+    assert [r[1] for r in rows] == ["dead", "held"] + ["delivered"] * 6
+    reason = rows[0][2]
+    assert "project_id" in reason and f"{MAX_PROJECT_ID_BYTES}-byte limit" in reason, reason
+    assert len(reason) < 500  # names the problem without repeating the 6,000 bytes
+    assert len(cio.accepted_items()) == 6
+    # With a default destination the stored long key goes out like any other.
+    drain_all(dsn, cio)
+    assert [r[0] for r in query(dsn, "SELECT state FROM relay_outbox ORDER BY id")] == [
+        "dead",
+        "delivered",
+        *["delivered"] * 6,
+    ]
+    assert compressible in {i["userId"] for i in cio.accepted_items()}
+
+
+# --- the size Customer.io counts --------------------------------------------------------------
+
+# Strings of any storable character, emoji, DEL and control characters included; floats whose
+# spelling jsonb keeps (test_floats_are_measured_as_jsonb_will_send_them covers exponents;
+# jsonb stores -0.0 as 0.0, one byte shorter).
+sdk_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=30)
+sdk_float = st.floats(allow_nan=False, allow_infinity=False).filter(
+    lambda f: "e" not in repr(f) and repr(f) != "-0.0"
+)
+sdk_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), sdk_float, sdk_text),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(sdk_text, inner, max_size=4)
+    ),
+    max_leaves=15,
+)
+
+
+def test_record_event_accepts_exactly_the_messages_customerio_measures_within_the_limit(
+    dsn: str,
+) -> None:
+    counter = itertools.count()
+    outcomes = {"accepted": 0, "refused": 0}
+    with psycopg.connect(dsn) as conn:
+
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            database=None,
+        )
+        @given(
+            value=st.dictionaries(sdk_text, sdk_value, max_size=5),
+            where=st.sampled_from(["traits", "properties"]),
+            pad=st.sampled_from(["x", "é", "€", "🔥", "\x7f", "\x01", '"']),
+            delta=st.integers(-40, 40),
+        )
+        def check(value: dict[str, Any], where: str, pad: str, delta: int) -> None:
+            n = next(counter)
+            conn.rollback()
+            free: dict[str, Any] = {"v": value, "pad": ""}
+            doc = event(f"evt-sdk-{n}", f"cus-sdk-{n}")
+            if where == "traits":
+                doc["customer"]["funnel_data"] = free
+            else:
+                doc["properties"] = free
+            # The message without its pad, to aim the pad at the limit, within +-40 bytes.
+            identify, track = map_event(doc)
+            message = dict((identify if where == "traits" else track).body)
+            room = MAX_MESSAGE_BYTES - len(json.dumps(message)) + delta
+            free["pad"] = pad * max(0, room // (len(json.dumps(pad)) - 2))
+            # The message Customer.io would get, measured as its SDK measures it.
+            if where == "traits":
+                message["traits"] = {**message["traits"], "funnelData": free}
+            else:
+                message["properties"] = free
+            size = len(json.dumps(message))
+            try:
+                result = record_event(conn, doc)
+            except InvalidEvent as exc:
+                outcomes["refused"] += 1
+                assert size > MAX_MESSAGE_BYTES, (size, exc)
+                assert exc.field == where
+                assert f"is {size} bytes" in exc.reason
+                assert_usable_after_error(conn, n)
+                return
+            outcomes["accepted"] += 1
+            assert size <= MAX_MESSAGE_BYTES
+            # What is stored, as the planner measures it before sending: the same size.
+            kind = 0 if where == "traits" else 1
+            stored = conn.execute(
+                "SELECT body::text FROM relay_outbox WHERE message_id = %s",
+                (result.message_ids[kind],),
+            ).fetchone()
+            assert stored is not None and text_size(stored[0]) == size
+
+        check()
+
+    assert outcomes["accepted"] > 0 and outcomes["refused"] > 0, outcomes

@@ -13,6 +13,7 @@ from relay.batching import (
     ENVELOPE_BYTES,
     MAX_BATCH_BYTES,
     MAX_MESSAGE_BYTES,
+    SEPARATOR_BYTES,
     bisect,
     oversize,
     plan_batches,
@@ -21,8 +22,8 @@ from relay.batching import (
 
 
 def batch_bytes(sizes: list[int], batch: range) -> int:
-    """What a batch costs on the wire, by the same rule the planner must honour."""
-    return ENVELOPE_BYTES + sum(sizes[i] for i in batch) + max(len(batch) - 1, 0)
+    """What a batch costs as Customer.io's SDK measures it, by the rule the planner honours."""
+    return ENVELOPE_BYTES + sum(sizes[i] for i in batch) + SEPARATOR_BYTES * max(len(batch) - 1, 0)
 
 
 def test_constants() -> None:
@@ -31,12 +32,27 @@ def test_constants() -> None:
     assert DEFAULT_MAX_ITEMS == 100
 
 
-def test_envelope_matches_a_real_encoded_batch() -> None:
-    items = [{"type": "track", "event": "a"}, {"type": "identify", "userId": "u"}]
-    encoded = [json.dumps(item, separators=(",", ":")) for item in items]
-    body = '{"batch":[' + ",".join(encoded) + '],"sentAt":"2026-11-29T10:00:00.000000+00:00"}'
-    sizes = [len(e.encode()) for e in encoded]
-    assert len(body.encode()) == batch_bytes(sizes, range(2))
+SENT_AT = "2026-11-29T10:00:00.000000+00:00"
+ITEMS = [
+    {"type": "track", "event": "a", "properties": {"note": "naïve 🔥"}},
+    {"type": "identify", "userId": "u", "traits": {"city": "Zürich"}},
+    {"type": "track", "event": "b"},
+]
+
+
+def test_envelope_and_separators_are_a_batch_as_customerio_measures_it() -> None:
+    # The SDK's measure: json.dumps of the request, with its ", " and ": " and ASCII escapes.
+    sizes = [len(json.dumps(item)) for item in ITEMS]
+    body = json.dumps({"batch": ITEMS, "sentAt": SENT_AT})
+    assert len(body) == batch_bytes(sizes, range(len(ITEMS)))
+
+
+def test_a_batch_on_the_wire_is_never_larger_than_its_measure() -> None:
+    # The relay sends UTF-8, compact where it re-encodes: never more bytes than it budgeted.
+    sizes = [len(json.dumps(item)) for item in ITEMS]
+    compact = [json.dumps(i, separators=(",", ":"), ensure_ascii=False) for i in ITEMS]
+    wire = '{"batch":[' + ",".join(compact) + '],"sentAt":"' + SENT_AT + '"}'
+    assert len(wire.encode()) < batch_bytes(sizes, range(len(ITEMS)))
 
 
 def test_empty_input_gives_no_batches() -> None:
@@ -52,7 +68,7 @@ def test_item_count_limit() -> None:
 def test_a_batch_of_exactly_max_bytes_fits() -> None:
     # 20 items of 23,000 bytes plus a remainder item chosen to land on the limit exactly.
     sizes = [23_000] * 20
-    last = MAX_BATCH_BYTES - ENVELOPE_BYTES - sum(sizes) - len(sizes)
+    last = MAX_BATCH_BYTES - ENVELOPE_BYTES - sum(sizes) - SEPARATOR_BYTES * len(sizes)
     assert 0 < last <= MAX_MESSAGE_BYTES
     sizes.append(last)
     assert batch_bytes(sizes, range(len(sizes))) == MAX_BATCH_BYTES
@@ -61,12 +77,12 @@ def test_a_batch_of_exactly_max_bytes_fits() -> None:
 
 def test_one_byte_over_max_bytes_splits() -> None:
     sizes = [23_000] * 20
-    sizes.append(MAX_BATCH_BYTES - ENVELOPE_BYTES - sum(sizes) - len(sizes) + 1)
+    sizes.append(MAX_BATCH_BYTES - ENVELOPE_BYTES - sum(sizes) - SEPARATOR_BYTES * len(sizes) + 1)
     assert plan_batches(sizes) == [range(0, 20), range(20, 21)]
 
 
-def test_commas_are_counted() -> None:
-    # Without the 99 commas this would fit one batch; with them it must not.
+def test_separators_are_counted() -> None:
+    # Without the 99 separators this would fit one batch; with them it must not.
     max_bytes = ENVELOPE_BYTES + MAX_MESSAGE_BYTES
     size = MAX_MESSAGE_BYTES // 100
     sizes = [size] * 100
@@ -204,6 +220,6 @@ def test_chains_cover_every_item_once_in_order_within_limits(
     for c, batches in enumerate(chains):
         for r in batches:
             assert 1 <= len(r) <= max_items
-            assert ENVELOPE_BYTES + sum(sizes[i] for i in r) + len(r) - 1 <= ENVELOPE_BYTES + 40_000
+            assert batch_bytes(sizes, r) <= ENVELOPE_BYTES + 40_000
             for i in r:
                 assert seen.setdefault(keys[i], c) == c  # a customer lives in one chain

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.errors import InvalidEvent
+from relay.limits import MAX_CUSTOMER_KEY_BYTES, MAX_EVENT_ID_BYTES, MAX_PROJECT_ID_BYTES
 from relay.mapping import (
     EVENT_TYPES,
     MAX_DEPTH,
@@ -94,7 +95,7 @@ SUBSCRIPTION_TRAITS: dict[str, Any] = {
             "currentPeriodEnd": "2026-12-28T10:00:00Z",
             "createdAt": "2026-11-28T10:00:00Z",
         },
-        {"id": "sub_2", "status": "canceled"},
+        {"id": "sub_2", "status": "canceled", "plan": "legacy"},
     ],
 }
 
@@ -117,8 +118,9 @@ def with_customer(**fields: Any) -> dict[str, Any]:
     return event
 
 
-def compact(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+def sdk_encoded(body: Any) -> bytes:
+    """``body`` as Customer.io's SDK writes (and measures) it: ``json.dumps`` defaults."""
+    return json.dumps(body).encode()
 
 
 # ----------------------------------------------------------------- event by event
@@ -155,7 +157,7 @@ def test_each_event_type_is_identify_then_track_under_its_own_name(event_type: s
         assert message.event_type == event_type
         assert message.occurred_at == datetime(2026, 11, 28, 10, tzinfo=UTC)
         assert message.message_id == message.body["messageId"]
-        assert message.encoded == compact(message.body)
+        assert message.encoded == sdk_encoded(message.body)
         assert json.loads(message.encoded) == message.body
 
 
@@ -165,17 +167,17 @@ def test_encoded_bytes_are_exact_and_keep_trait_order() -> None:
 
     identify, track = map_event(event)
 
-    # Non-ASCII stays as UTF-8 rather than \u escapes: the size limit counts these bytes.
-    expected_identify = (
-        '{"type":"identify","userId":"cus_1","traits":{"email":"bé@example.com","name":"Zoë"},'
-        '"timestamp":"2026-11-28T10:00:00.000Z",'
-        '"messageId":"c4090589-00a3-51b8-a62c-76d1751abf22"}'
+    # As Customer.io's SDK writes a message, so its length is the size Customer.io counts:
+    # non-ASCII as \u escapes, a space after every ':' and ','.
+    assert identify.encoded == (
+        b'{"type": "identify", "userId": "cus_1", "traits": {"email": "b\\u00e9@example.com", '
+        b'"name": "Zo\\u00eb"}, "timestamp": "2026-11-28T10:00:00.000Z", '
+        b'"messageId": "c4090589-00a3-51b8-a62c-76d1751abf22"}'
     )
-    assert identify.encoded == expected_identify.encode()
     assert track.encoded == (
-        b'{"type":"track","userId":"cus_1","event":"user.registered","properties":{},'
-        b'"timestamp":"2026-11-28T10:00:00.000Z",'
-        b'"messageId":"3fcfddbd-a781-5a3d-962d-8a0e8cfbb530"}'
+        b'{"type": "track", "userId": "cus_1", "event": "user.registered", "properties": {}, '
+        b'"timestamp": "2026-11-28T10:00:00.000Z", '
+        b'"messageId": "3fcfddbd-a781-5a3d-962d-8a0e8cfbb530"}'
     )
 
 
@@ -218,6 +220,40 @@ def test_false_consent_and_empty_values_are_sent_not_omitted() -> None:
     assert traits["name"] == ""
     assert traits["funnelData"] == {}
     assert traits["created_at"] == 0
+
+
+@pytest.mark.parametrize("other", ["<missing>", None])
+def test_funnel_data_may_be_spelled_as_the_spec_spells_the_trait(other: Any) -> None:
+    event = make_event()
+    del event["customer"]["funnel_data"]
+    event["customer"]["funnelData"] = {"goal": "focus", "answers": ["a"]}
+    if other != "<missing>":
+        event["customer"]["funnel_data"] = other
+
+    identify, _ = map_event(event)
+
+    assert identify.body["traits"]["funnelData"] == {"goal": "focus", "answers": ["a"]}
+    assert parse_event(event).customer.funnel_data == {"goal": "focus", "answers": ["a"]}
+
+
+def test_funnel_data_given_under_both_spellings_is_refused_as_ambiguous() -> None:
+    # Even when equal: which one wins is not the relay's guess to make.
+    event = with_customer(funnelData={"goal": "sleep"})
+
+    with pytest.raises(InvalidEvent) as raised:
+        map_event(event)
+    assert raised.value.field == "customer.funnelData"
+    assert "customer.funnel_data" in raised.value.reason
+
+
+def test_funnel_data_camel_case_is_validated_under_its_own_name() -> None:
+    event = make_event()
+    del event["customer"]["funnel_data"]
+    event["customer"]["funnelData"] = {"goal": math.nan}
+
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(event)
+    assert raised.value.field == "customer.funnelData.goal"
 
 
 def test_properties_absent_or_null_become_empty_object() -> None:
@@ -294,6 +330,105 @@ def test_missing_subscription_list_sends_no_subscription_traits() -> None:
     assert not {"has_active_subscription", "active_subscription_count", "subscriptions"} & set(
         identify.body["traits"]
     )
+
+
+def test_subscription_fields_pass_through_as_any_json_value() -> None:
+    # The spec names the fields but not their types: a number, a boolean or an object is sent
+    # as given, extra keys included, and never costs the event its track.
+    subscription = {
+        "id": 17,
+        "status": "active",
+        "priceId": {"lookup": "gold", "amounts": [999, 9.99]},
+        "currentPeriodStart": 1764316800,
+        "currentPeriodEnd": 1766908800.5,
+        "createdAt": "2026-11-28T10:00:00Z",
+        "cancelAtPeriodEnd": False,
+        "items": [{"sku": "ünïcode", "qty": 2}],
+    }
+    event = with_customer(subscriptions=[subscription])
+    event["type"] = "subscription.created"
+
+    identify, track = map_event(event)
+
+    assert identify.body["traits"]["subscriptions"] == [subscription]
+    assert identify.body["traits"]["active_subscription_count"] == 1
+    assert track.body["event"] == "subscription.created"
+
+
+def test_null_subscription_fields_are_omitted_like_null_traits() -> None:
+    event = with_customer(
+        subscriptions=[{"id": "sub_1", "status": None, "priceId": None, "trial": None, "n": 0}]
+    )
+    event["type"] = "subscription.created"
+
+    identify, _ = map_event(event)
+
+    assert identify.body["traits"]["subscriptions"] == [{"id": "sub_1", "n": 0}]
+
+
+@pytest.mark.parametrize(
+    "status",
+    ["<missing>", None, 1, True, ["active"], {"name": "active"}, "Active", "canceled"],
+)
+def test_a_status_that_is_not_an_active_status_string_counts_as_not_active(status: Any) -> None:
+    inactive = {"id": "sub_2"} if status == "<missing>" else {"id": "sub_2", "status": status}
+    event = with_customer(subscriptions=[{"id": "sub_1", "status": "trialing"}, inactive])
+    event["type"] = "subscription.created"
+
+    identify, _ = map_event(event)
+
+    traits = identify.body["traits"]
+    assert traits["active_subscription_count"] == 1
+    assert traits["has_active_subscription"] is True
+    assert traits["subscriptions"][1] == ({k: v for k, v in inactive.items() if v is not None})
+
+
+def test_typed_subscription_carries_extra_fields_and_any_values() -> None:
+    typed = typed_event()
+    extra = Subscription(
+        id="sub_3",
+        status="active",
+        current_period_start=1764316800,
+        extra={"cancelAtPeriodEnd": False},
+    )
+    typed = Event(
+        id=typed.id,
+        type=typed.type,
+        occurred_at=typed.occurred_at,
+        customer=Customer(id="cus_42", email="ada@example.com", subscriptions=(extra,)),
+    )
+    as_dict = make_event("subscription.created")
+    as_dict["customer"] = {
+        "id": "cus_42",
+        "email": "ada@example.com",
+        "subscriptions": [
+            {
+                "id": "sub_3",
+                "status": "active",
+                "currentPeriodStart": 1764316800,
+                "cancelAtPeriodEnd": False,
+            }
+        ],
+    }
+    as_dict["properties"] = {}
+
+    assert map_event(typed) == map_event(as_dict)
+    assert parse_event(as_dict) == parse_event(typed)
+
+
+def test_a_typed_subscription_field_given_twice_is_refused() -> None:
+    twice = Subscription(id="sub_1", status="active", price_id="p1", extra={"priceId": "p2"})
+    event = Event(
+        id="evt_1",
+        type="subscription.created",
+        occurred_at=datetime(2026, 11, 28, 10, tzinfo=UTC),
+        customer=Customer(id="cus_42", email="ada@example.com", subscriptions=(twice,)),
+    )
+
+    with pytest.raises(InvalidEvent) as raised:
+        parse_event(event)
+    assert raised.value.field == "customer.subscriptions[0].priceId"
+    assert "price_id" in raised.value.reason and "extra" in raised.value.reason
 
 
 @pytest.mark.parametrize("event_type", [t for t in EVENT_TYPES if t != "subscription.created"])
@@ -528,7 +663,7 @@ def typed_event() -> Event:
                     current_period_end="2026-12-28T10:00:00Z",
                     created_at="2026-11-28T10:00:00Z",
                 ),
-                Subscription(id="sub_2", status="canceled"),
+                Subscription(id="sub_2", status="canceled", extra={"plan": "legacy"}),
             ),
         ),
         properties={"amount": 4999, "currency": "USD"},
@@ -735,40 +870,58 @@ INVALID_CASES: list[Any] = [
         "object",
     ),
     (
-        "subscription-id-missing",
-        remove(("customer", "subscriptions", 1, "id")),
-        "customer.subscriptions[1].id",
-        "required",
+        "subscription-key-int",
+        replace(("customer", "subscriptions", 1), {"id": "sub_2", 3: "x"}),
+        "customer.subscriptions[1][3]",
+        "object keys must be strings",
     ),
     (
-        "subscription-id-int",
-        replace(("customer", "subscriptions", 0, "id"), 1),
-        "customer.subscriptions[0].id",
-        "string",
+        "subscription-extra-nan",
+        replace(("customer", "subscriptions", 1, "plan"), {"tier": math.nan}),
+        "customer.subscriptions[1].plan.tier",
+        "nan",
     ),
     (
-        "subscription-status-missing",
-        remove(("customer", "subscriptions", 0, "status")),
-        "customer.subscriptions[0].status",
-        "required",
+        "subscription-start-set",
+        replace(("customer", "subscriptions", 0, "currentPeriodStart"), {1764316800}),
+        "customer.subscriptions[0].currentPeriodStart",
+        "set",
     ),
     (
-        "subscription-status-bool",
-        replace(("customer", "subscriptions", 0, "status"), True),
-        "customer.subscriptions[0].status",
-        "string",
+        "subscription-too-deep",
+        replace(("customer", "subscriptions", 0, "meta"), nested(MAX_DEPTH - 1)),
+        "customer.subscriptions[0].meta" + ".a" * (MAX_DEPTH - 2),
+        f"deeper than {MAX_DEPTH} levels",
     ),
     (
-        "subscription-price-int",
-        replace(("customer", "subscriptions", 0, "priceId"), 5),
-        "customer.subscriptions[0].priceId",
-        "string or null",
+        "funnel-camel-list",
+        lambda e: {**e, "customer": {**e["customer"], "funnel_data": None, "funnelData": [1]}},
+        "customer.funnelData",
+        "object",
     ),
     (
-        "subscription-extra-object",
-        replace(("customer", "subscriptions", 1, "plan"), {"tier": 1}),
-        "customer.subscriptions[1].plan",
-        "string or null",
+        "id-too-long",
+        replace(("id",), "é" * (MAX_EVENT_ID_BYTES // 2) + "x"),
+        "id",
+        f"is {MAX_EVENT_ID_BYTES + 1} bytes in UTF-8, over the {MAX_EVENT_ID_BYTES}-byte limit",
+    ),
+    (
+        "customer-id-too-long",
+        replace(("customer", "id"), "🔥" * (MAX_CUSTOMER_KEY_BYTES // 4) + "x"),
+        "customer.id",
+        f"is {MAX_CUSTOMER_KEY_BYTES + 1} bytes in UTF-8, over the {MAX_CUSTOMER_KEY_BYTES}-byte",
+    ),
+    (
+        "email-too-long",
+        replace(("customer", "email"), "a" * (MAX_CUSTOMER_KEY_BYTES - 11) + "@example.com"),
+        "customer.email",
+        f"over the {MAX_CUSTOMER_KEY_BYTES}-byte limit",
+    ),
+    (
+        "project-too-long",
+        replace(("customer", "project_id"), "p" * (MAX_PROJECT_ID_BYTES + 1)),
+        "customer.project_id",
+        f"over the {MAX_PROJECT_ID_BYTES}-byte limit",
     ),
     (
         "subscription-nul",
@@ -870,6 +1023,23 @@ def test_keys_that_are_not_identifiers_are_bracketed_in_paths() -> None:
     assert raised.value.field == 'properties["first-name"]["x y"]'
 
 
+@pytest.mark.parametrize("user_key", ["id", "email"])
+def test_keys_at_their_byte_limits_are_accepted(user_key: Any) -> None:
+    # Limits count UTF-8 bytes: 4-byte characters reach them with a quarter as many characters.
+    customer_id = "🔥" * (MAX_CUSTOMER_KEY_BYTES // 4)
+    email = "é" * ((MAX_CUSTOMER_KEY_BYTES - 12) // 2) + "@example.com"
+    event = make_event(id="€" * (MAX_EVENT_ID_BYTES // 3) + "x" * (MAX_EVENT_ID_BYTES % 3))
+    event["customer"].update(id=customer_id, email=email, project_id="p" * MAX_PROJECT_ID_BYTES)
+    assert len(email.encode()) == MAX_CUSTOMER_KEY_BYTES
+    assert len(event["id"].encode()) == MAX_EVENT_ID_BYTES
+
+    identify, track = map_event(event, MappingConfig(user_key=user_key))
+
+    assert identify.customer_key == (customer_id if user_key == "id" else email)
+    assert track.event_id == event["id"]
+    assert track.project_id == "p" * MAX_PROJECT_ID_BYTES
+
+
 # ---------------------------------------------------------------------- size limit
 
 
@@ -879,34 +1049,52 @@ def padded(kind: str, pad: str) -> dict[str, Any]:
     return with_customer(funnel_data={"pad": pad})
 
 
-def encoded_size(kind: str, pad: str) -> int:
+def sdk_size(kind: str, pad: str) -> int:
+    """The message's size as Customer.io's SDK measures it: ``len(json.dumps(message))``."""
     identify, track = map_event(padded(kind, pad))
-    return len((identify if kind == "identify" else track).encoded)
+    return len(json.dumps((identify if kind == "identify" else track).body))
 
 
+# (character, what it counts once json.dumps has written it with ASCII escapes)
+PAD_CHARACTERS = [("x", 1), ("é", 6), ("€", 6), ("🔥", 12), ("\x7f", 6), ("\x01", 6)]
+
+
+@pytest.mark.parametrize(("char", "unit"), PAD_CHARACTERS)
 @pytest.mark.parametrize(("kind", "field"), [("identify", "traits"), ("track", "properties")])
-def test_message_at_the_size_limit_passes_and_one_byte_over_fails(kind: str, field: str) -> None:
-    room = MAX_MESSAGE_BYTES - encoded_size(kind, "")
+def test_message_at_the_size_limit_passes_and_one_byte_over_fails(
+    kind: str, field: str, char: str, unit: int
+) -> None:
+    room = MAX_MESSAGE_BYTES - sdk_size(kind, "")
+    fill = char * (room // unit) + "x" * (room % unit)
 
-    assert encoded_size(kind, "x" * room) == MAX_MESSAGE_BYTES
-    assert encoded_size(kind, "x" * (room - 1)) == MAX_MESSAGE_BYTES - 1
+    assert sdk_size(kind, fill) == MAX_MESSAGE_BYTES
+    assert sdk_size(kind, fill[:-1]) < MAX_MESSAGE_BYTES
     with pytest.raises(InvalidEvent) as raised:
-        map_event(padded(kind, "x" * (room + 1)))
+        map_event(padded(kind, fill + "x"))
     assert raised.value.field == field
     assert raised.value.reason == (
-        f"{kind} message is {MAX_MESSAGE_BYTES + 1} bytes once encoded, "
-        f"over Customer.io's {MAX_MESSAGE_BYTES}-byte limit"
+        f"{kind} message is {MAX_MESSAGE_BYTES + 1} bytes as Customer.io measures it "
+        f"(JSON with non-ASCII characters as \\u escapes), over its {MAX_MESSAGE_BYTES}-byte limit"
     )
 
 
-def test_size_limit_counts_utf8_bytes_not_characters() -> None:
-    room = MAX_MESSAGE_BYTES - encoded_size("track", "")
-    # "é" is two bytes in UTF-8: fewer characters than the room, more bytes.
-    pad = "é" * (room // 2 + 1)
+@pytest.mark.parametrize("pad", ["é" * 12_000, "é" * 5_500, "🔥" * 2_800, "\x7f" * 5_500])
+def test_size_limit_counts_ascii_escapes_not_utf8_bytes(pad: str) -> None:
+    # Well under 32 KB in UTF-8, over it once each character is written as \uXXXX (12 bytes
+    # for the surrogate pair of an emoji): Customer.io would answer 400 and the message die.
+    event = padded("track", pad)
+    assert len(json.dumps(event["properties"], ensure_ascii=False).encode()) < MAX_MESSAGE_BYTES
 
     with pytest.raises(InvalidEvent) as raised:
-        map_event(padded("track", pad))
+        map_event(event)
     assert raised.value.field == "properties"
+    assert f"over its {MAX_MESSAGE_BYTES}-byte limit" in raised.value.reason
+
+
+def test_encoded_length_is_the_size_customerio_counts() -> None:
+    for pad in ("", "plain", 'é€🔥\x7f\x01"\\'):
+        for message in map_event(padded("track", pad)):
+            assert len(message.encoded) == len(json.dumps(message.body))
 
 
 def test_anonymous_events_are_not_held_to_the_size_limit() -> None:

@@ -6,6 +6,7 @@ has a space after every ':' and ',' (``json.dumps`` with its default separators)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from psycopg.types.json import Jsonb
 from relay import queries as q
 from relay.client import Destination
 from relay.destinations import Route
-from relay.limits import MAX_MESSAGE_BYTES
+from relay.limits import MAX_MESSAGE_BYTES, MAX_PROJECT_ID_BYTES, text_size
 from relay.plan import ClaimedRow, ClaimPlan, Item, body_problem, due_run, encode, plan_claim
 
 T0 = datetime(2026, 11, 29, 10, 0, 0, tzinfo=UTC)
@@ -353,7 +354,7 @@ def test_a_run_without_a_usable_destination_is_held_under_the_reason() -> None:
 
 def test_an_oversize_message_is_dead_with_its_size() -> None:
     body = track_body(2, blob="x" * MAX_MESSAGE_BYTES)
-    size = len(encode(body))
+    size = len(json.dumps(body))
     assert size > MAX_MESSAGE_BYTES
     rows = [
         row(1, "track", track_body(1)),
@@ -367,17 +368,107 @@ def test_an_oversize_message_is_dead_with_its_size() -> None:
     assert plan.in_flight == [1, 3]
 
 
-def test_the_size_limit_is_judged_on_compact_json() -> None:
-    # jsonb's text (", " and ": ") is over the limit; the compact form Customer.io measures is
-    # not, and that is what is sent.
+def sdk_size(body: Any) -> int:
+    """Customer.io's measure of a message, as its SDK takes it: ``len(json.dumps(msg))``."""
+    return len(json.dumps(body))
+
+
+@pytest.mark.parametrize("shape_ok", [True, False])
+@pytest.mark.parametrize("pad", ["é" * 5_500, "🔥" * 2_800, "\x7f" * 5_500, "é" * 12_000])
+def test_the_size_limit_is_judged_as_customerio_measures_it(shape_ok: bool, pad: str) -> None:
+    # Under 32 KB in UTF-8 (what the row's text costs on the wire), over it with ASCII escapes
+    # (what Customer.io counts): dead with its size, on the fast path (a track the claim query
+    # passed, never parsed) and the slow one alike; never sent for a 400.
+    body = track_body(2, pad=pad)
+    assert len(json.dumps(body, ensure_ascii=False).encode()) < MAX_MESSAGE_BYTES
+    size = sdk_size(body)
+    assert size > MAX_MESSAGE_BYTES
+    rows = [row(1, "track", track_body(1)), row(2, "track", body), row(3, "track", track_body(3))]
+    rows = [dataclasses.replace(r, shape_ok=shape_ok) for r in rows]
+    plan = plan_claim(["c1"], rows, route)
+    assert set(plan.dead) == {2}
+    assert f"message is {size} bytes" in plan.dead[2]
+    assert plan.in_flight == [1, 3]
+
+
+def test_the_size_limit_counts_the_separators_customerio_counts() -> None:
+    # Compact, this body is under the limit; written as the SDK writes it (", " and ": "), over.
     body = track_body(1)
     body["properties"].update({f"k{n:05d}": 0 for n in range(2700)})
-    compact, spaced = encode(body), json.dumps(body).encode()
-    assert len(compact) <= MAX_MESSAGE_BYTES < len(spaced)
+    assert len(encode(body)) <= MAX_MESSAGE_BYTES < sdk_size(body)
     plan = plan_claim(["c1"], [row(1, "track", body)], route)
+    assert plan.dead == {
+        1: f"message is {sdk_size(body)} bytes as Customer.io measures it"
+        f" (JSON with non-ASCII characters as \\u escapes), over its"
+        f" {MAX_MESSAGE_BYTES}-byte limit"
+    }
+
+
+def test_a_message_at_the_limit_goes_out_with_its_size() -> None:
+    body = track_body(1, pad="")
+    body["properties"]["pad"] = "é" * ((MAX_MESSAGE_BYTES - sdk_size(body)) // 6)
+    body["properties"]["pad"] += "x" * (MAX_MESSAGE_BYTES - sdk_size(body))
+    assert sdk_size(body) == MAX_MESSAGE_BYTES
+    for shape_ok in (True, False):
+        r = dataclasses.replace(row(1, "track", body), shape_ok=shape_ok)
+        plan = plan_claim(["c1"], [r], route)
+        assert plan.dead == {}
+        assert [(i.encoded, i.size) for i in items(plan)] == [
+            (r.body_text.encode(), sdk_size(body))
+        ]
+
+
+def test_every_item_carries_its_size_as_customerio_measures_it() -> None:
+    # Identifies merge (the carrier is re-encoded), tracks go as stored: either way the size
+    # handed to batching is json.dumps' length of what is sent.
+    rows = [
+        row(1, "identify", identify_body(1, city="Zürich")),
+        row(2, "track", track_body(2, note="🔥 naïve \x7f")),
+        row(3, "identify", identify_body(3, name="Zoë")),
+        dataclasses.replace(row(4, "track", track_body(4, note="ça")), shape_ok=True),
+    ]
+    plan = plan_claim(["c1"], rows, route)
+    assert plan.coalesced == {3: 1}
+    assert [i.row_id for i in items(plan)] == [1, 2, 4]
+    for item in items(plan):
+        assert item.size == sdk_size(json.loads(item.encoded)), item
+
+
+def test_an_item_built_without_a_size_measures_its_encoded_body() -> None:
+    body = track_body(1, note="é🔥")
+    item = Item(1, "c1", "checkout.start", "track", encode(body), 0, 1.0)
+    assert item.size == sdk_size(body)
+
+
+def test_a_project_id_over_the_limit_is_dead_and_the_claim_goes_on() -> None:
+    # Such a row can only come from SQL (record_event refuses it). Held, it would need an entry
+    # in relay_outbox_held_idx that PostgreSQL refuses, failing the whole claim, every cycle.
+    long = "p" * (MAX_PROJECT_ID_BYTES + 1)
+    rows = [
+        row(1, "identify", identify_body(1), project=long),
+        row(2, "track", track_body(2), project=long),
+        # Another project after the run: left for a later claim, as any run's end is.
+        row(3, "track", track_body(3), project="p2"),
+        row(4, "track", track_body(4, "c2"), customer="c2"),
+    ]
+    plan = plan_claim(["c1", "c2"], rows, route)
+    assert set(plan.dead) == {1, 2}
+    reason = plan.dead[1]
+    assert reason == (
+        f"project_id is {MAX_PROJECT_ID_BYTES + 1} bytes, over the {MAX_PROJECT_ID_BYTES}-byte"
+        " limit (relay.limits.MAX_PROJECT_ID_BYTES) that record_event enforces; held, the row"
+        " could not be indexed"
+    )
+    assert plan.in_flight == [4]
+    assert dict(plan.held) == {}
+    assert plan.claimed == 3
+
+
+def test_a_project_id_at_the_limit_is_routed() -> None:
+    at_limit = "é" * (MAX_PROJECT_ID_BYTES // 2)
+    plan = plan_claim(["c1"], [row(1, "track", track_body(1), project=at_limit)], route)
     assert plan.dead == {}
     assert plan.in_flight == [1]
-    assert items(plan)[0].encoded == compact
 
 
 def test_identifies_whose_merge_would_be_oversize_are_sent_as_they_are() -> None:
@@ -592,3 +683,24 @@ def test_a_track_the_database_passes_is_one_body_problem_passes(dsn: str, body: 
     assert row is not None
     if ClaimedRow(*row).shape_ok:
         assert body_problem("track", body) is None, body
+
+
+_texts = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8)
+_sized_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | _texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_texts, inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=st.dictionaries(_texts, _sized_values, max_size=4))
+def test_the_size_of_jsonb_text_is_json_dumps_length_of_its_value(dsn: str, body: Any) -> None:
+    # The planner measures a stored body from jsonb's text, without parsing it: the count must
+    # be exactly what json.dumps (ASCII escapes, ", " and ": ") makes of the same value.
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute("SELECT %s::jsonb::text", (Jsonb(body),)).fetchone()
+    assert stored is not None
+    assert text_size(stored[0]) == len(json.dumps(json.loads(stored[0]))) == len(json.dumps(body))
