@@ -3,28 +3,34 @@
 The sample application has its own top-level ``models`` module, its own Alembic history
 (``0001``, the ``orders`` table) and records purchase events in its own transactions. Each
 way of migrating is run with the real commands (``alembic``, ``relay migrate``, the printed
-SQL), then committed and rolled-back orders are drained to the fake Customer.io.
+SQL), then committed and rolled-back orders are drained to the fake Customer.io. One database
+also takes orders through every connection kind the application may hold (blocking, asyncio,
+Django) before ``relay run --drain`` delivers them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, pool
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import relay.migrate
@@ -33,11 +39,12 @@ from relay.db import sqlalchemy_url
 from relay.fakecio import FakeCustomerIO
 from relay.models import Base as RelayBase
 from relay.service import drain
-from tests.relay_helpers import KEY, make_relay, query
+from tests.relay_helpers import KEY, make_relay, query, relay_env
+from tests.test_outbox_async import _connect_args, sqlalchemy_async_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLEAPP = Path(__file__).resolve().parent / "sampleapp"
-APP_MODULES = ("models", "shop")
+APP_MODULES = ("models", "shop", "shop_async")
 APP_HEAD = "0001"
 
 
@@ -151,8 +158,9 @@ def app() -> Iterator[SimpleNamespace]:
     try:
         models = importlib.import_module("models")
         shop = importlib.import_module("shop")
+        shop_async = importlib.import_module("shop_async")
         assert Path(models.__file__).parent == SAMPLEAPP
-        yield SimpleNamespace(models=models, shop=shop)
+        yield SimpleNamespace(models=models, shop=shop, shop_async=shop_async)
     finally:
         sys.path[:] = saved_path
         for name in APP_MODULES:
@@ -170,6 +178,173 @@ class PaymentDeclined(Exception):
     pass
 
 
+# -- the application's checkouts, one per connection kind ---------------------------------
+# Each opens its transactions as the application's caller does, commits an order for each
+# customer in `commit`, and rolls back the order of `roll_back` (its payment is declined).
+
+Customer = dict[str, Any]
+Placed = tuple[list[int], int]  # the committed orders' ids, the rolled-back order's id
+Kind = Callable[[str, SimpleNamespace, list[Customer], Customer, int], Placed]
+
+
+def with_session(
+    dsn: str, app: SimpleNamespace, commit: list[Customer], roll_back: Customer, amount: int
+) -> Placed:
+    engine = create_engine(sqlalchemy_url(dsn), poolclass=pool.NullPool)
+    try:
+        ids = []
+        for customer in commit:
+            with Session(engine) as session, session.begin():
+                ids.append(app.shop.place_order(session, customer, amount).id)
+        with pytest.raises(PaymentDeclined), Session(engine) as session, session.begin():
+            declined = app.shop.place_order(session, roll_back, amount).id
+            raise PaymentDeclined
+        return ids, declined
+    finally:
+        engine.dispose()
+
+
+def with_psycopg(
+    dsn: str, app: SimpleNamespace, commit: list[Customer], roll_back: Customer, amount: int
+) -> Placed:
+    with psycopg.connect(dsn) as conn:
+        ids = []
+        for customer in commit:
+            with conn.transaction():
+                ids.append(app.shop.place_order_psycopg(conn, customer, amount))
+        with pytest.raises(PaymentDeclined), conn.transaction():
+            declined = app.shop.place_order_psycopg(conn, roll_back, amount)
+            raise PaymentDeclined
+    return ids, declined
+
+
+def blocking(place: Callable[..., Coroutine[Any, Any, Placed]]) -> Kind:
+    """An asyncio checkout, run to completion in its own event loop."""
+    return lambda *args: asyncio.run(place(*args))
+
+
+def with_async_session(driver: str) -> Kind:
+    async def place(
+        dsn: str, app: SimpleNamespace, commit: list[Customer], roll_back: Customer, amount: int
+    ) -> Placed:
+        url = sqlalchemy_async_url(dsn, driver)
+        engine = create_async_engine(url, poolclass=pool.NullPool)
+        try:
+            ids = []
+            for customer in commit:
+                async with AsyncSession(engine) as session, session.begin():
+                    order = await app.shop_async.place_order_async(session, customer, amount)
+                    ids.append(order.id)
+            with pytest.raises(PaymentDeclined):
+                async with AsyncSession(engine) as session, session.begin():
+                    order = await app.shop_async.place_order_async(session, roll_back, amount)
+                    declined = order.id
+                    raise PaymentDeclined
+            return ids, declined
+        finally:
+            await engine.dispose()
+
+    return blocking(place)
+
+
+async def with_psycopg_async(
+    dsn: str, app: SimpleNamespace, commit: list[Customer], roll_back: Customer, amount: int
+) -> Placed:
+    place = app.shop_async.place_order_psycopg_async
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        ids = []
+        for customer in commit:
+            async with conn.transaction():
+                ids.append(await place(conn, customer, amount))
+        with pytest.raises(PaymentDeclined):
+            async with conn.transaction():
+                declined = await place(conn, roll_back, amount)
+                raise PaymentDeclined
+    return ids, declined
+
+
+async def with_asyncpg(
+    dsn: str, app: SimpleNamespace, commit: list[Customer], roll_back: Customer, amount: int
+) -> Placed:
+    place = app.shop_async.place_order_asyncpg
+    async with asyncpg.create_pool(**_connect_args(dsn), min_size=1, max_size=2) as connections:
+        ids = []
+        for customer in commit:
+            async with connections.acquire() as conn, conn.transaction():
+                ids.append(await place(conn, customer, amount))
+        with pytest.raises(PaymentDeclined):
+            async with connections.acquire() as conn, conn.transaction():
+                declined = await place(conn, roll_back, amount)
+                raise PaymentDeclined
+    return ids, declined
+
+
+# Django's settings are configured once per process (and tests/test_django.py configures its
+# own), so the Django checkout runs in a process of its own, as the application's would.
+DJANGO_CHECKOUT = """
+import json, sys
+import django
+django.setup()
+from django.db import transaction
+import shop_django
+
+class PaymentDeclined(Exception):
+    pass
+
+commit, roll_back, amount = json.loads(sys.argv[1])
+ids = []
+for customer in commit:
+    with transaction.atomic():
+        ids.append(shop_django.place_order_django(customer, amount))
+try:
+    with transaction.atomic():
+        declined = shop_django.place_order_django(roll_back, amount)
+        raise PaymentDeclined
+except PaymentDeclined:
+    pass
+print(json.dumps([ids, declined]))
+"""
+
+
+def with_django(
+    dsn: str, app: SimpleNamespace, commit: list[Customer], roll_back: Customer, amount: int
+) -> Placed:
+    args = json.dumps([commit, roll_back, amount])
+    proc = run(
+        dsn, sys.executable, "-c", DJANGO_CHECKOUT, args, DJANGO_SETTINGS_MODULE="django_settings"
+    )
+    ids, declined = json.loads(proc.stdout)
+    return ids, declined
+
+
+KINDS: dict[str, Kind] = {
+    "SQLAlchemy Session": with_session,
+    "psycopg Connection": with_psycopg,
+    "SQLAlchemy AsyncSession, asyncpg": with_async_session("asyncpg"),
+    "SQLAlchemy AsyncSession, psycopg": with_async_session("psycopg"),
+    "psycopg AsyncConnection": blocking(with_psycopg_async),
+    "asyncpg Connection (pool)": blocking(with_asyncpg),
+    "Django, transaction.atomic()": with_django,
+}
+
+
+def customers(prefix: str, n: int) -> list[Customer]:
+    return [
+        {"id": f"cus_{prefix}{i}", "email": f"cus_{prefix}{i}@example.com", "name": f"C {i}"}
+        for i in range(n)
+    ]
+
+
+def expected_message_ids(
+    app: SimpleNamespace, committed: list[tuple[int, Customer, int]]
+) -> list[str]:
+    return sorted(
+        m.message_id
+        for order_id, customer, amount in committed
+        for m in map_event(app.shop.purchase_event(order_id, customer, amount))
+    )
+
+
 @pytest.mark.parametrize("way", list(WAYS))
 def test_sample_app_migrates_records_and_the_relay_delivers_only_what_committed(
     way: str, empty_dsn: str, app: SimpleNamespace, cio: FakeCustomerIO
@@ -179,32 +354,18 @@ def test_sample_app_migrates_records_and_the_relay_delivers_only_what_committed(
     check_migrated(empty_dsn, merged)
 
     shop = app.shop
-    customers = [
-        {"id": f"cus_{i}", "email": f"cus_{i}@example.com", "name": f"Customer {i}"}
-        for i in range(6)
-    ]
-    committed: list[tuple[int, dict[str, Any], int]] = []
+    committed: list[tuple[int, Customer, int]] = []
     rolled_back: list[int] = []
-    engine = create_engine(sqlalchemy_url(empty_dsn), poolclass=pool.NullPool)
-    try:
-        for customer in customers[:2]:
-            with Session(engine) as session, session.begin():
-                order = shop.place_order(session, customer, 1500)
-                committed.append((order.id, customer, 1500))
-        with pytest.raises(PaymentDeclined), Session(engine) as session, session.begin():
-            rolled_back.append(shop.place_order(session, customers[2], 2500).id)
-            raise PaymentDeclined
-    finally:
-        engine.dispose()
-    with psycopg.connect(empty_dsn) as conn:
-        for customer in customers[3:5]:
-            with conn.transaction():
-                committed.append((shop.place_order_psycopg(conn, customer, 3500), customer, 3500))
-        with pytest.raises(PaymentDeclined), conn.transaction():
-            rolled_back.append(shop.place_order_psycopg(conn, customers[5], 4500))
-            raise PaymentDeclined
+    sync_kinds: list[tuple[Kind, int, list[Customer]]] = [
+        (with_session, 1500, customers("s", 3)),
+        (with_psycopg, 3500, customers("p", 3)),
+    ]
+    for kind, amount, group in sync_kinds:
+        ids, declined = kind(empty_dsn, app, group[:2], group[2], amount)
+        committed += [(i, c, amount) for i, c in zip(ids, group[:2], strict=True)]
+        rolled_back.append(declined)
 
-    assert len(rolled_back) == 2
+    assert len(committed) == 4 and len(rolled_back) == 2
     # The event id comes from the order id: the same order's event recorded again is a no-op.
     order_id, customer, amount = committed[0]
     with psycopg.connect(empty_dsn) as conn:
@@ -216,16 +377,52 @@ def test_sample_app_migrates_records_and_the_relay_delivers_only_what_committed(
 
     ok, _ = drain(make_relay(empty_dsn, cio), 30.0)
     assert ok
-    expected = {
-        m.message_id
-        for order_id, customer, amount in committed
-        for m in map_event(shop.purchase_event(order_id, customer, amount))
-    }
+    expected = expected_message_ids(app, committed)
     assert len(expected) == 2 * len(committed)
-    accepted = cio.accepted_message_ids()
-    assert sorted(accepted) == sorted(expected)
+    assert sorted(cio.accepted_message_ids()) == expected
     tracked = {i["properties"]["order_id"] for i in cio.accepted_items() if i["type"] == "track"}
     assert tracked == order_ids
+
+
+def test_every_connection_kind_records_in_the_apps_transaction_and_one_drain_delivers_it(
+    dsn: str, app: SimpleNamespace, cio: FakeCustomerIO
+) -> None:
+    # dsn holds the relay's schema (relay migrate); the application adds its own (way 1).
+    alembic(dsn, "upgrade", "head")
+    committed: list[tuple[int, Customer, int]] = []
+    rolled_back: list[int] = []
+    for n, (name, kind) in enumerate(KINDS.items()):
+        amount = 1000 + n  # tells the kinds apart at Customer.io
+        group = customers(f"k{n}_", 3)
+        ids, declined = kind(dsn, app, group[:2], group[2], amount)
+        assert len(ids) == 2 and isinstance(declined, int), name
+        committed += [(i, c, amount) for i, c in zip(ids, group[:2], strict=True)]
+        rolled_back.append(declined)
+
+    placed = [order_id for order_id, _, _ in committed] + rolled_back
+    assert len(set(placed)) == len(placed) == 3 * len(KINDS)
+    order_ids = {r[0] for r in query(dsn, "SELECT id FROM orders")}
+    assert order_ids == {order_id for order_id, _, _ in committed}
+    # Only the committed orders' messages are in the outbox, before any relay runs.
+    outbox = [r[0] for r in query(dsn, "SELECT message_id FROM relay_outbox")]
+    assert sorted(outbox) == expected_message_ids(app, committed)
+
+    # The relay as README runs it, against the fake Customer.io.
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "run", "--drain", "--timeout", "60"],
+        env=relay_env(dsn, cio.url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(cio.accepted_message_ids()) == expected_message_ids(app, committed)
+    tracked = {
+        (i["properties"]["order_id"], i["properties"]["amount"])
+        for i in cio.accepted_items()
+        if i["type"] == "track"
+    }
+    assert tracked == {(order_id, amount) for order_id, _, amount in committed}
 
 
 def test_a_team_switches_from_relay_migrate_to_the_merged_history(empty_dsn: str) -> None:
@@ -364,19 +561,37 @@ def test_readme_snippets_are_the_sample_apps_files() -> None:
         "migrations/env.py",
         "migrate.py",
         "shop.py",
+        "shop_async.py",
+        "shop_django.py",
     }
     for path, snippet in snippets:
         assert snippet in (SAMPLEAPP / path).read_text(), f"README snippet differs from {path}"
+
+
+def test_readme_names_exactly_the_sample_apps_checkouts() -> None:
+    # The section's caller snippets ("The caller owns the transaction") and its text name the
+    # checkouts the sample application defines, and every one it defines is named.
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Adding the relay to your application", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"\b(place_order\w*)\b", section))
+    defined = {
+        name
+        for path in SAMPLEAPP.glob("shop*.py")
+        for name in re.findall(r"^(?:async )?def (place_order\w*)\(", path.read_text(), re.M)
+    }
+    assert len(defined) == 6
+    assert named == defined
 
 
 # -- packaging: installing the relay adds one top-level name ---------------------------------
 
 IMPORT_CHECK = """
 import sys
-import models
+import models, shop, shop_async
 import relay, relay.models, relay.operator_cli
 from relay.cli import main
 assert models.__file__.startswith(sys.argv[1]), models.__file__
+assert "django" not in sys.modules  # only shop_django (the Django side) imports Django
 assert set(models.Base.metadata.tables) == {"orders"}
 assert "relay_outbox" in relay.models.Base.metadata.tables
 print(relay.__file__)
