@@ -8,15 +8,21 @@ from its first due row on, in write order. ``plan_claim`` decides, per customer:
 2. **Routing**: a run whose destination is missing, disabled or paused is held, with the reason.
 3. **Poison**: a row whose body Customer.io could never accept (not a JSON object, a ``type``
    that is not its kind, no ``userId``, ``traits`` not an object, an unreadable ``timestamp``,
-   over the size limit) is dead at once with a reason naming the field. It affects only its own
-   message: the rest of the run goes on, and coalescing never sees it. The claim query checks
-   the shape on jsonb first (``shape_ok``); a track that passes is sent as stored, unparsed,
-   and only the rest is parsed and judged here. Sizes are judged as Customer.io measures them
-   (``relay.limits``): a stored body from its jsonb text, counted without a parse, so the fast
-   path stays unparsed. A run whose ``project_id`` is longer than ``MAX_PROJECT_ID_BYTES``
-   (only SQL can write one; ``record_event`` refuses it) is dead before routing: held, it would
-   need an index entry PostgreSQL refuses, and the claim that tried would fail as a whole.
+   over the size limit) is dead at once with a reason naming the field; so is a body the relay
+   cannot read, which jsonb stores and Python's json module refuses (nested deeper than its
+   recursion limit, an integer longer than its int conversion limit), with a reason naming
+   that. It affects only its own message: the rest of the run goes on, and coalescing never
+   sees it. The claim query checks the shape on jsonb first (``shape_ok``); a track that
+   passes is sent as stored, unparsed, and only the rest is parsed and judged here. Sizes are
+   judged as Customer.io measures them (``relay.limits``): a stored body from its jsonb text,
+   counted without a parse, so the fast path stays unparsed. A run whose ``project_id`` is
+   longer than ``MAX_PROJECT_ID_BYTES`` (only SQL can write one; ``record_event`` refuses it)
+   is dead before routing: held, it would need an index entry PostgreSQL refuses, and the
+   claim that tried would fail as a whole.
 4. **Coalescing** (``relay.coalesce``): the fresh identifies merge into one, sent in write order.
+   A merge that cannot be written back as JSON (nested too deep for the encoder, a number
+   Python read as infinity) is not made: the identifies go out as stored, as for a merge over
+   the size limit.
 
 Nothing here raises on row content: a body that breaks an assumption is dead, never an
 exception that would stop the relay for every customer.
@@ -25,13 +31,15 @@ exception that would stop the relay for every customer.
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
-from relay.coalesce import Claimed, Outgoing, coalesce
+from relay.coalesce import Claimed, Outgoing, Plan, coalesce
 from relay.destinations import Route
 from relay.limits import (
     MAX_MESSAGE_BYTES,
@@ -112,8 +120,55 @@ class ClaimPlan:
 
 def encode(body: Any) -> bytes:
     """Compact UTF-8 JSON, as a re-encoded body is stored and sent (never longer than what
-    Customer.io counts, ``relay.limits.message_size``)."""
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    Customer.io counts, ``relay.limits.message_size``).
+
+    Raises ``ValueError`` for a float JSON cannot write (infinity: jsonb holds numbers past a
+    float's range, which Python reads as inf) rather than write ``Infinity``, which neither
+    jsonb nor Customer.io takes; ``RecursionError`` for nesting past the encoder's reach."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+# The structural characters of a JSON text and its strings (skipped whole, escapes included).
+_JSON_NESTING: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_INT_DIGITS: Final = re.compile(r"value has (\d+) digits")
+
+
+def nesting_depth(text: str) -> int:
+    """How deep the arrays and objects of the JSON ``text`` nest (brackets in strings aside)."""
+    depth = deepest = 0
+    for token in _JSON_NESTING.findall(text):
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
+def parse_body(text: str) -> tuple[Any, str | None]:
+    """A stored body's JSON value, or ``(None, why the relay cannot read it)``; never raises.
+
+    jsonb takes what Python's json module refuses: nesting past the interpreter's recursion
+    limit (``RecursionError``) and integers longer than its int conversion limit (4,300
+    digits by default, ``ValueError``). Raised here, either would fail every claim that takes
+    the row."""
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, (
+            f"body is nested {nesting_depth(text)} levels deep, deeper than the relay's JSON "
+            f"parser reads (Python's recursion limit, {sys.getrecursionlimit()})"
+        )
+    except json.JSONDecodeError as exc:
+        return None, f"body is not valid JSON: {exc}"
+    except ValueError as exc:
+        digits = _INT_DIGITS.search(str(exc))
+        if digits is None:
+            return None, f"body cannot be read: {str(exc)[:200]}"
+        return None, (
+            f"body holds a number of {digits.group(1)} digits, longer than the "
+            f"{sys.get_int_max_str_digits()} digits the relay's JSON parser reads"
+        )
 
 
 def due_run(rows: Sequence[ClaimedRow]) -> list[ClaimedRow]:
@@ -135,6 +190,19 @@ def _json_name(value: Any) -> str:
     return _JSON_NAMES.get(type(value), "number")
 
 
+def _shown(value: Any) -> str:
+    """``value`` for a reason, at most about 40 characters: a string or a scalar as written, an
+    array or an object by its kind only. Never walks a container, which may be nested past
+    what repr() can recurse into."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if isinstance(value, list | dict):
+        return f"a JSON {_json_name(value)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return "a number of over 40 digits"
+    return repr(value)
+
+
 def body_problem(kind: str, body: Any) -> str | None:
     """Why Customer.io could never accept this body as a ``kind`` message, or None.
 
@@ -144,7 +212,8 @@ def body_problem(kind: str, body: Any) -> str | None:
     if not isinstance(body, dict):
         return f"body is a JSON {_json_name(body)}, not an object"
     if body.get("type") != kind:
-        return f"body field 'type' is {body.get('type')!r}, expected {kind!r} (the row's kind)"
+        shown = _shown(body.get("type"))
+        return f"body field 'type' is {shown}, expected {kind!r} (the row's kind)"
     user_id, anonymous_id = body.get("userId"), body.get("anonymousId")
     if not (isinstance(user_id, str) and user_id) and not (
         isinstance(anonymous_id, str) and anonymous_id
@@ -161,7 +230,7 @@ def body_problem(kind: str, body: Any) -> str | None:
                 f"body field 'properties' is a JSON {_json_name(body['properties'])}, not an object"
             )
     if "timestamp" in body and not _iso8601(body["timestamp"]):
-        return f"body field 'timestamp' is not an ISO-8601 time: {str(body['timestamp'])[:40]!r}"
+        return f"body field 'timestamp' is not an ISO-8601 time: {_shown(body['timestamp'])}"
     if "messageId" in body and not isinstance(body["messageId"], str):
         return "body field 'messageId' is not a string"
     return None
@@ -200,6 +269,42 @@ def project_problem(project_id: str | None) -> str | None:
     )
 
 
+def _size(row: ClaimedRow, rewritten: Mapping[int, int]) -> int:
+    """The row's message size: its rewritten body's, else its stored text's, counted from
+    jsonb's text (json.dumps' separators), never parsed or re-encoded."""
+    return rewritten[row.id] if row.id in rewritten else text_size(row.body_text)
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """A customer's coalescing, written back: each rewritten body encoded and measured."""
+
+    plan: Plan
+    encoded: dict[int, bytes]
+    sizes: dict[int, int]
+
+
+def _merge(claimed: Sequence[Claimed]) -> _Merged | None:
+    """Coalesce ``claimed`` and encode what the merge rewrote; None when a rewritten body
+    cannot be written back as JSON, and the identifies are then sent as stored.
+
+    Each part parsed, but the merge is compared and encoded deeper in the stack than the parts
+    were parsed: a body nested near the recursion limit can fail here alone. A number jsonb
+    holds beyond a float's range reads as inf, which JSON cannot write."""
+    try:
+        merged = coalesce(claimed)
+    except RecursionError:
+        return None
+    try:
+        encoded = {i: encode(b) for i, b in merged.rewritten.items()}
+        # A merged body is sent now as encoded here, and stored for a retry, which sends
+        # jsonb's spelling of it: message_size counts the longer of the two.
+        sizes = {i: message_size(b) for i, b in merged.rewritten.items()}
+    except (RecursionError, ValueError):
+        return None
+    return _Merged(merged, encoded, sizes)
+
+
 def plan_claim(
     heads: Sequence[str],
     rows: Sequence[ClaimedRow],
@@ -236,40 +341,48 @@ def _plan_run(plan: ClaimPlan, customer: str, run: list[ClaimedRow], where: Rout
             # Checked by the database; sent as stored, never parsed and re-encoded here.
             claimed.append(Claimed(r.id, "track", {}, r.attempts))
             continue
-        # The parse is what lets a poison body die alone instead of failing the cycle.
-        body = json.loads(r.body_text)
-        problem = body_problem(r.kind, body)
+        # The parse is what lets a poison body die alone instead of failing the cycle: it, and
+        # every judgement after it, turns what is wrong with the row into its reason.
+        body, problem = parse_body(r.body_text)
+        if problem is None:
+            problem = body_problem(r.kind, body)
         if problem is not None:
             plan.dead[r.id] = f"invalid message body: {problem}"
             continue
         claimed.append(Claimed(r.id, cast(Literal["identify", "track"], r.kind), body, r.attempts))
-    merged = coalesce(claimed)
-    send: Sequence[Outgoing] = merged.send
-    coalesced: Mapping[int, int] = merged.coalesced_into
-    rewritten = {i: encode(b) for i, b in merged.rewritten.items()}
-    # A merged body is sent now as encoded here, and stored for a retry, which sends jsonb's
-    # spelling of it: message_size counts the longer of the two.
-    sizes = {i: message_size(b) for i, b in merged.rewritten.items()}
-    for out in send:
-        if out.row_id not in sizes:
-            # Sent as stored: jsonb's text has json.dumps' separators, so its size is counted
-            # from the text, never parsed or re-encoded.
-            sizes[out.row_id] = text_size(by_id[out.row_id].body_text)
-    carriers = set(coalesced.values())
-    if any(sizes[c] > MAX_MESSAGE_BYTES for c in carriers):
+    merged = _merge(claimed)
+    if merged is not None and any(
+        _size(by_id[c], merged.sizes) > MAX_MESSAGE_BYTES
+        for c in set(merged.plan.coalesced_into.values())
+    ):
         # A carrier over the limit would be dead, and the identifies merged into it with it,
-        # while each part on its own might have gone through: send the parts instead (each
-        # judged on its own size below).
-        send, coalesced, rewritten = [Outgoing(c.row_id, c.body) for c in claimed], {}, {}
-        sizes = {c.row_id: text_size(by_id[c.row_id].body_text) for c in claimed}
+        # while each part on its own might have gone through: the parts go instead (each
+        # judged on its own size below), as they do when the merge cannot be written at all.
+        merged = None
+    send: Sequence[Outgoing] = [Outgoing(c.row_id, c.body) for c in claimed]
+    coalesced: Mapping[int, int] = {}
+    rewritten: Mapping[int, bytes] = {}
+    sizes: Mapping[int, int] = {}
+    if merged is not None:
+        send, coalesced = merged.plan.send, merged.plan.coalesced_into
+        rewritten, sizes = merged.encoded, merged.sizes
     unit = plan.work.setdefault(where.pause_key, DestinationWork(where))
     for out in send:
         row = by_id[out.row_id]
-        size = sizes[row.id]
+        size = _size(row, sizes)
         if size > MAX_MESSAGE_BYTES:
             plan.dead[row.id] = _oversize(size)
             continue
-        encoded = rewritten[row.id] if row.id in rewritten else row.body_text.encode()
+        if row.id in rewritten:
+            encoded = rewritten[row.id]
+        else:
+            try:
+                encoded = row.body_text.encode()
+            except UnicodeEncodeError:
+                # Text PostgreSQL returned holds no lone surrogate; a body that did could not
+                # be sent, and must not fail the claim.
+                plan.dead[row.id] = "invalid message body: body is not valid UTF-8 text"
+                continue
         plan.in_flight.append(row.id)
         unit.items.append(
             Item(row.id, customer, row.event, row.kind, encoded, row.attempts, row.age_s, size)

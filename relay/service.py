@@ -38,6 +38,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from relay import queries as q
 from relay.daemon import CycleResult, Relay
+from relay.db import StatementFailed
 from relay.errors import DatabaseUnavailable
 
 log = logging.getLogger("relay")
@@ -75,12 +76,13 @@ class Listener(threading.Thread):
 
 
 def _guard(name: str, fn: Any) -> Any:
-    """A job that logs database outages as one line and everything else with its traceback."""
+    """A job that logs database outages and refused statements as one line each, and
+    everything else with its traceback."""
 
     def job() -> None:
         try:
             fn()
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, StatementFailed) as exc:
             log.error("%s: %s", name, exc)
         except Exception:
             log.exception("%s failed", name)
@@ -92,8 +94,10 @@ def _guard(name: str, fn: Any) -> Any:
 class DeliveryLoop:
     """Claim and send until stopped (or, for a drain, until nothing is left to send).
 
-    A database outage is one log line and a wait; any other error is logged with its
-    traceback and the loop goes on: one bad cycle never stops delivery for everyone.
+    A database outage is one log line and a wait; so is a statement the database refused
+    (``StatementFailed``: SQLSTATE and statement named), which keeps the connections, since
+    the database is up; any other error is logged with its traceback and the loop goes on:
+    one bad cycle never stops delivery for everyone.
     """
 
     def __init__(self, relay: Relay) -> None:
@@ -120,6 +124,10 @@ class DeliveryLoop:
             except DatabaseUnavailable as exc:
                 # A restart or a terminated backend: reconnect on the next turn; what we had
                 # in flight is rescued when its lease expires.
+                log.error("deliver: %s", exc)
+            except StatementFailed as exc:
+                # The database is up and refused one statement (a claim that meets an index
+                # limit, a timeout): the same session tries again on the next turn.
                 log.error("deliver: %s", exc)
             except Exception:
                 log.exception("deliver failed")
@@ -222,7 +230,7 @@ class Service:
             released = self.relay.release_all()
             if released:
                 log.info("released %d claimed messages on shutdown", released)
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, StatementFailed) as exc:
             log.error("could not release claimed messages (their lease will expire): %s", exc)
         self.relay.close()
 
@@ -281,7 +289,7 @@ def drain(relay: Relay, timeout_s: float | None) -> tuple[bool, CycleResult]:
         relay.wake()
         if service.scheduler.running:
             service.scheduler.shutdown(wait=True)
-        with contextlib.suppress(DatabaseUnavailable):
+        with contextlib.suppress(DatabaseUnavailable, StatementFailed):
             relay.release_all()
         relay.close()
         # The listener is a daemon thread that notices `stopping` within its 0.5 s poll and

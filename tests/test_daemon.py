@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -11,8 +13,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay import daemon
+from relay import daemon, service
 from relay.daemon import Relay
+from relay.db import StatementFailed
 from relay.errors import DatabaseUnavailable
 from relay.fakecio import FakeCustomerIO
 from relay.service import drain
@@ -533,5 +536,123 @@ def test_losing_the_delivery_connection_also_replaces_the_sending_threads_connec
         run_drain(relay)
         _assert_all_delivered_once(dsn, cio)
         assert not before & _relay_backends(dsn)
+    finally:
+        relay.close()
+
+
+# --- a statement the database refuses is not an outage -----------------------------------------
+
+
+def _insert_track(dsn: str, customer: str, **properties: Any) -> None:
+    body = {
+        "type": "track",
+        "userId": customer,
+        "event": "checkout.start",
+        "properties": properties,
+        "messageId": f"raw-{customer}",
+    }
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, event_type,"
+            " body, occurred_at) VALUES (%s, %s, 'track', %s, 'checkout.start', %s, now())",
+            (f"raw-{customer}", f"raw-{customer}", customer, json.dumps(body)),
+        )
+
+
+# An index this test adds, as an operator's or an extension's might be: a row whose value
+# does not fit a btree entry cannot go in flight, and the claim's one marking statement fails
+# with PostgreSQL's index-size error (SQLSTATE 54000), a data error, not a lost connection.
+_IN_FLIGHT_BLOB_INDEX = (
+    "CREATE INDEX test_in_flight_blob ON relay_outbox ((body -> 'properties' ->> 'blob'))"
+    " WHERE state = 'in_flight'"
+)
+
+
+def test_a_claim_the_database_refuses_for_one_row_is_logged_as_that_and_delivery_goes_on(
+    dsn: str, cio: FakeCustomerIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    write_events(dsn, [funnel_event("cus_a", n) for n in range(2)])
+    write_events(dsn, [funnel_event("cus_b", n) for n in range(2)])
+    # Random text does not compress: its index entry stays over the 2,704-byte limit.
+    _insert_track(dsn, "cus_big", blob=secrets.token_urlsafe(3000))
+    with psycopg.connect(dsn) as admin:
+        admin.execute(_IN_FLIGHT_BLOB_INDEX)
+
+    # One customer per claim: those written before cus_big are claimed without it and go out;
+    # cus_big's claim fails every cycle, and the loop goes on trying, the database up.
+    ok, _ = drain(make_relay(dsn, cio, batch_size=1), 3.0)
+    assert not ok
+    rows = query(dsn, "SELECT customer_key, state, attempts FROM relay_outbox ORDER BY id")
+    assert {(c, s) for c, s, _ in rows if c != "cus_big"} <= {
+        ("cus_a", "delivered"),
+        ("cus_a", "coalesced"),
+        ("cus_b", "delivered"),
+        ("cus_b", "coalesced"),
+    }, rows
+    assert [(s, n) for c, s, n in rows if c == "cus_big"] == [("pending", 0)]
+    delivered = query(dsn, "SELECT message_id FROM relay_outbox WHERE state = 'delivered'")
+    assert len(delivered) >= 4 and set(cio.accepted_message_ids()) == {m for (m,) in delivered}
+
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    refused = [r.getMessage() for r in logged if "OUTBOX_CLAIM_MARK" in r.getMessage()]
+    assert len(refused) >= 2, [r.getMessage() for r in logged]  # each cycle, tried again
+    for message in refused:
+        assert message.startswith("deliver: statement OUTBOX_CLAIM_MARK failed: SQLSTATE 54000")
+        assert "index row size" in message and "exceeds btree version 4 maximum" in message
+        assert "\n" not in message
+    assert not [r for r in logged if r.exc_info], "one line each, no traceback"
+    assert "connection lost" not in caplog.text
+
+
+def test_a_refused_claim_keeps_its_session_and_the_next_claim_uses_it(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    _insert_track(dsn, "cus_big", blob=secrets.token_urlsafe(3000))
+    with psycopg.connect(dsn) as admin:
+        admin.execute(_IN_FLIGHT_BLOB_INDEX)
+    relay = make_relay(dsn, cio)
+    try:
+        with pytest.raises(StatementFailed) as refused:
+            relay.deliver_once()
+        assert refused.value.sqlstate == "54000"
+        assert refused.value.statement == "OUTBOX_CLAIM_MARK"
+        assert isinstance(refused.value.__cause__, psycopg.errors.ProgramLimitExceeded)
+        (session,) = _relay_backends(dsn, "deliver")
+        # The operator drops the index: the same session claims again, nothing reconnects.
+        with psycopg.connect(dsn) as admin:
+            admin.execute("DROP INDEX test_in_flight_blob")
+        assert relay.deliver_once().delivered == 1
+        assert _relay_backends(dsn, "deliver") == {session}
+        assert states(dsn) == {"delivered": 1}
+    finally:
+        relay.close()
+
+
+def test_a_statement_timeout_in_maintenance_is_one_line_and_the_session_stays(
+    dsn: str, cio: FakeCustomerIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    relay = make_relay(dsn, cio)
+    rescue = service._guard("rescue", relay.rescue)
+    try:
+        with relay.svc() as conn:
+            conn.execute("SET statement_timeout = '200ms'")
+            conn.commit()
+        (session,) = _relay_backends(dsn, "services")
+        # A migration holds the outbox: the rescue's statement waits, then times out.
+        with psycopg.connect(dsn) as blocker:
+            blocker.execute("LOCK TABLE relay_outbox IN ACCESS EXCLUSIVE MODE")
+            rescue()
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert record.getMessage().startswith(
+            "rescue: statement OUTBOX_RESCUE_EXPIRED failed: SQLSTATE 57014 (QueryCanceled):"
+            " canceling statement due to statement timeout"
+        )
+        assert record.exc_info is None
+        assert "connection lost" not in caplog.text
+        # The lock is gone: the same session serves the next run.
+        assert relay.rescue() == 0
+        assert _relay_backends(dsn, "services") == {session}
     finally:
         relay.close()

@@ -159,6 +159,62 @@ def test_relay_run_drain_survives_a_json_array_identify(dsn: str, cio: FakeCusto
     assert states(dsn).keys() <= {"delivered", "coalesced", "dead"}
 
 
+# jsonb stores what Python's json module cannot read back: nesting past its recursion limit
+# (about 1,000 levels), an integer past its 4,300-digit conversion limit (jsonb prints 1e5000
+# as 5,001 digits); and a decimal past a float's range, read as inf, which JSON cannot write.
+UNREADABLE_BODIES = {
+    "nested 3,000 levels": '{"type": "identify", "userId": "cus_p", "traits": '
+    + '{"a": ' * 3000
+    + "1"
+    + "}" * 3000
+    + "}",
+    "a 5,001-digit integer": '{"type": "identify", "userId": "cus_p", "traits": {"n": 1e5000}}',
+}
+
+
+def test_a_body_the_relay_cannot_read_affects_only_its_own_message(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    # Each unreadable identify sits between valid identifies and tracks of its customer, with
+    # other customers before and after it in the same claims. Reported: the parse raised, the
+    # error escaped the planner, and every claim that took the row failed for everyone.
+    write_events(dsn, [funnel_event("cus_p", 0), funnel_event("cus_a", 0)])
+    for name, body in UNREADABLE_BODIES.items():
+        insert_raw(dsn, name, "identify", "cus_p", body)
+        write_events(dsn, [funnel_event("cus_p", len(name))])
+    # Valid on its own, but merged with the next identify it would carry inf: sent unmerged.
+    insert_raw(
+        dsn,
+        "huge-decimal",
+        "identify",
+        "cus_q",
+        '{"type": "identify", "userId": "cus_q", "traits": {"big": 1'
+        + "0" * 400
+        + '.5}, "timestamp": "2026-11-28T09:00:00Z", "messageId": "huge-decimal"}',
+    )
+    write_events(dsn, [funnel_event("cus_q", 0)] + [funnel_event(f"cus_{i}", 0) for i in range(5)])
+    relay = make_relay(dsn, cio)
+    ok, _ = drain(relay, 20.0)
+    assert ok, states(dsn)
+    dead = dict(query(dsn, "SELECT message_id, last_error FROM relay_outbox WHERE state = 'dead'"))
+    assert set(dead) == set(UNREADABLE_BODIES), dead
+    assert "nested 3001 levels deep" in dead["nested 3,000 levels"]
+    assert "5001 digits" in dead["a 5,001-digit integer"]
+    assert states(dsn).keys() <= {"delivered", "coalesced", "dead"}
+    accepted = set(cio.accepted_message_ids())
+    delivered = query(dsn, "SELECT message_id FROM relay_outbox WHERE state = 'delivered'")
+    assert {mid for (mid,) in delivered} <= accepted
+    # Every customer got its messages: the identifies, merged or not, and every track.
+    items = cio.accepted_items()
+    for customer in ["cus_p", "cus_a", "cus_q"] + [f"cus_{i}" for i in range(5)]:
+        mine = [i["type"] for i in items if i["userId"] == customer]
+        assert mine and mine[0] == "identify", (customer, mine)
+        assert "track" in mine, (customer, mine)
+    q_identifies = [i for i in items if i["userId"] == "cus_q" and i["type"] == "identify"]
+    assert len(q_identifies) == 2, q_identifies
+    assert "huge-decimal" in accepted
+
+
 # --- 3. healthy relays send the same rows twice ----------------------------------------------
 
 

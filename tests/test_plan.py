@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -512,6 +513,166 @@ def test_identifies_are_never_coalesced_into_a_dead_carrier() -> None:
     for into in plan.coalesced.values():
         assert into in plan.in_flight, (plan.coalesced, plan.dead)
     assert 2 in plan.in_flight
+
+
+# --- bodies the relay cannot read, or cannot write back ---------------------------------------
+
+
+def nested(depth: int) -> str:
+    """An object ``depth`` levels deep, spelled as jsonb prints it."""
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def raw(row_id: int, kind: str, text: str, **kw: Any) -> ClaimedRow:
+    """A row whose stored body is ``text``, jsonb's spelling of a value Python may not read."""
+    return dataclasses.replace(row(row_id, kind, None, **kw), body_text=text)
+
+
+def stored_identify(n: int, traits: str, customer: str = "c1") -> str:
+    """An identify otherwise valid (mergeable: aware timestamp), with ``traits`` as written."""
+    return (
+        f'{{"type": "identify", "userId": "{customer}", "traits": {traits},'
+        f' "timestamp": "{ts(n)}", "messageId": "msg-{customer}-{n}"}}'
+    )
+
+
+# jsonb keeps numbers as numeric and prints them without an exponent: 1e5000 comes back as
+# 5,001 digits, past the 4,300 Python converts to an int.
+LONG_INTEGER = "1" + "0" * 5000
+# Beyond a float's range but not an integer: Python reads it as inf, which JSON cannot write.
+HUGE_DECIMAL = "1" + "0" * 400 + ".5"
+
+
+@pytest.mark.parametrize("kind", ["identify", "track"])
+def test_a_body_nested_deeper_than_the_relay_reads_dies_alone_with_its_depth(kind: str) -> None:
+    # jsonb stores 3,000 levels; Python's parser gives up near 1,000 with a RecursionError,
+    # which escaping the planner failed every claim that took the row.
+    if kind == "identify":
+        text = stored_identify(2, nested(3000))
+    else:
+        # A track the claim query did not pass (shape_ok false) is parsed here too.
+        text = f'{{"type": "track", "userId": "c1", "event": "e", "properties": {nested(3000)}}}'
+    rows = [
+        row(1, "identify", identify_body(1, plan="free")),
+        raw(2, kind, text),
+        row(3, "track", track_body(3)),
+        row(4, "identify", identify_body(4, plan="pro")),
+        row(5, "track", track_body(5, "c2"), customer="c2"),
+    ]
+    plan = plan_claim(["c1", "c2"], rows, route)
+    assert set(plan.dead) == {2}
+    assert plan.dead[2] == (
+        "invalid message body: body is nested 3001 levels deep, deeper than the relay's JSON"
+        f" parser reads (Python's recursion limit, {sys.getrecursionlimit()})"
+    )
+    assert plan.in_flight == [1, 3, 5]
+    assert plan.coalesced == {4: 1}
+    assert json.loads(plan.rewritten[1])["traits"]["plan"] == "pro"
+
+
+def test_a_number_longer_than_the_relay_reads_dies_alone_naming_its_digits() -> None:
+    rows = [
+        row(1, "identify", identify_body(1)),
+        raw(2, "identify", stored_identify(2, f'{{"n": {LONG_INTEGER}}}')),
+        row(3, "identify", identify_body(3)),
+        row(4, "track", track_body(4, "c2"), customer="c2"),
+    ]
+    plan = plan_claim(["c1", "c2"], rows, route)
+    assert plan.dead == {
+        2: "invalid message body: body holds a number of 5001 digits, longer than the"
+        f" {sys.get_int_max_str_digits()} digits the relay's JSON parser reads"
+    }
+    assert plan.in_flight == [1, 4]
+    assert plan.coalesced == {3: 1}
+
+
+def test_a_body_that_is_not_json_dies_alone() -> None:
+    # jsonb never returns such text; the planner still judges it rather than raise.
+    rows = [raw(1, "identify", '{"type": "identify", "userId": '), row(2, "track", track_body(2))]
+    plan = plan_claim(["c1"], rows, route)
+    assert set(plan.dead) == {1}
+    assert plan.dead[1].startswith("invalid message body: body is not valid JSON: ")
+    assert plan.in_flight == [2]
+
+
+@pytest.mark.parametrize("shape_ok", [True, False])
+def test_a_body_that_is_not_utf8_text_dies_alone(shape_ok: bool) -> None:
+    # A lone surrogate cannot be encoded to UTF-8 (PostgreSQL never returns one): sent as
+    # stored, parsed or not, such a body could not be written to the request.
+    text = '{"type": "track", "userId": "c1", "event": "e", "properties": {"s": "\ud800"}}'
+    rows = [raw(1, "track", text), row(2, "track", track_body(2))]
+    rows = [dataclasses.replace(r, shape_ok=shape_ok) for r in rows]
+    plan = plan_claim(["c1"], rows, route)
+    assert plan.dead == {1: "invalid message body: body is not valid UTF-8 text"}
+    assert plan.in_flight == [2]
+
+
+def test_identifies_whose_merge_cannot_be_written_as_json_go_out_as_stored() -> None:
+    # Each identify is valid as stored, but their merge would carry inf, which JSON cannot
+    # write (and jsonb would refuse on the claim's write of the merged body): no merge, each
+    # goes out exactly as stored, none dead.
+    rows = [
+        raw(1, "identify", stored_identify(1, f'{{"big": {HUGE_DECIMAL}}}')),
+        row(2, "track", track_body(2)),
+        row(3, "identify", identify_body(3, plan="pro")),
+    ]
+    assert json.loads(rows[0].body_text)["traits"]["big"] == float("inf")
+    plan = plan_claim(["c1"], rows, route)
+    assert plan.dead == {}
+    assert plan.coalesced == {} and plan.rewritten == {}
+    assert plan.in_flight == [1, 2, 3]
+    assert [i.encoded for i in items(plan)] == [r.body_text.encode() for r in rows]
+    assert [i.size for i in items(plan)] == [text_size(r.body_text) for r in rows]
+
+
+def test_a_merge_nested_too_deep_to_write_back_never_escapes_the_planner() -> None:
+    # Python's parser and encoder stop at the same recursion limit, but the merge is encoded
+    # from deeper in the stack than the body was parsed: near the limit, a body that parsed
+    # cannot be written back. Across the depths around it, every row lands in one place: the
+    # merge, the identifies as stored, or dead for its depth; never an exception.
+    limit = sys.getrecursionlimit()
+    seen: set[str] = set()
+    # Wide enough for any stack depth the test runner starts plan_claim at.
+    for depth in range(limit - 400, limit + 10):
+        rows = [
+            raw(1, "identify", stored_identify(1, f'{{"deep": {nested(depth)}}}')),
+            row(2, "track", track_body(2)),
+            row(3, "identify", identify_body(3, plan="pro")),
+        ]
+        plan = plan_claim(["c1"], rows, route)
+        assert sorted([*plan.in_flight, *plan.coalesced, *plan.dead]) == [1, 2, 3], depth
+        if plan.dead:
+            assert set(plan.dead) == {1}
+            assert "levels deep" in plan.dead[1]
+            seen.add("dead")
+        elif plan.coalesced:
+            assert plan.coalesced == {3: 1}
+            assert json.loads(plan.rewritten[1])["traits"]["plan"] == "pro"
+            seen.add("merged")
+        else:
+            assert plan.rewritten == {}
+            assert [i.encoded for i in items(plan)] == [r.body_text.encode() for r in rows]
+            seen.add("as stored")
+    assert {"merged", "dead"} <= seen, seen
+    if sys.version_info < (3, 12):
+        # Python frames and the json module's C recursion share one count before 3.12, so
+        # some depth parses and then fails to encode: the fallback is exercised.
+        assert "as stored" in seen, seen
+
+
+def test_body_problem_never_recurses_into_a_field_it_reports() -> None:
+    # A value parsed near the recursion limit cannot be repr()'d: the reason describes it
+    # without walking it.
+    deep: Any = 1
+    for _ in range(100_000):
+        deep = [deep]
+    for field, body in [
+        ("type", {"type": deep, "userId": "c1"}),
+        ("timestamp", {"type": "track", "userId": "c1", "event": "e", "timestamp": deep}),
+    ]:
+        reason = body_problem("track", body)
+        assert reason is not None and f"'{field}'" in reason and "array" in reason, reason
+        assert len(reason) < 150
 
 
 # --- the partition property -------------------------------------------------------------------

@@ -138,7 +138,9 @@ def _check(role: str, table: str, privilege: str, columns: tuple[str, ...]) -> s
     return f"""
         FOREACH col IN ARRAY ARRAY[{listed}] LOOP
             IF has_column_privilege('{role}', '{table}', col, '{privilege}') THEN
-                RAISE WARNING 'role {role} still holds {privilege} on {table}.%: revoke it', col;
+                RAISE WARNING USING
+                    MESSAGE = 'role {role} still holds {privilege} on {table}.' || col
+                              || ': revoke it';
             END IF;
         END LOOP;"""
 
