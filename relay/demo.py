@@ -1158,11 +1158,27 @@ def print_header(db: Database, args: argparse.Namespace, visitors: int, txs: Seq
 
 
 def next_steps(db: Database) -> list[str]:
+    """Commands to try next, each working as printed where the demo ran.
+
+    On the embedded server, which stops when the demo exits, that is the daemon on the same
+    data folder (``relay run --embedded``, a database of its own beside the demo's); reading
+    the demo's outbox with ``relay status`` needs a DATABASE_URL, so it is offered only after
+    a demo on one.
+    """
     lines = ["Try next"]
     if db.embedded:
+        import shlex
+
+        data_dir = shlex.quote(str(Path(db.server.data_dir).absolute()))
         lines += [
-            "  DATABASE_URL=postgresql://... relay demo   the same on your own PostgreSQL, then:",
+            f"  CUSTOMERIO_WRITE_KEY=... relay run --embedded --data-dir {data_dir}",
+            "      the daemon on this embedded PostgreSQL (in a database of its own, relay),",
+            "      delivering to your own Customer.io workspace",
+            "  DATABASE_URL=postgresql://... relay demo",
+            "      the same demo on your own PostgreSQL, where relay status and the views",
+            "      relay_status and relay_message_history then show its outbox",
         ]
+        return lines
     lines += [
         "  relay status                                the outbox's backlog (reads DATABASE_URL)",
         "  SELECT * FROM relay_status;                 the same, as a SQL view",

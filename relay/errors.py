@@ -6,7 +6,8 @@ boundary that meets them and kept as ``__cause__``::
     RelayError
     ├── InvalidEvent          an AppFunnel event cannot be recorded (names field and reason)
     ├── ConfigError           a setting is missing or malformed (one line for the operator)
-    └── DatabaseUnavailable   the database cannot be reached (translated from psycopg)
+    ├── DatabaseUnavailable   the database cannot be reached (translated from psycopg)
+    └── NotMigrated           the database's schema is not the one this relay was built for
 """
 
 from __future__ import annotations
@@ -36,3 +37,8 @@ class ConfigError(RelayError):
 
 class DatabaseUnavailable(RelayError):
     """The database could not be reached or dropped the connection."""
+
+
+class NotMigrated(RelayError):
+    """The database lacks the relay's tables, or holds another revision than this relay's head:
+    ``relay migrate`` (or a newer relay) is the remedy, not a retry."""

@@ -1,7 +1,13 @@
 """Logging: readable text by default, one JSON object a line with ``--log-format json``.
 
-A filter on the handler masks email addresses and any registered secret (write keys) in every
-record, whatever logger it came from, so neither reaches a log line in clear.
+A filter on the handler masks email addresses and any registered secret (write keys, the
+database password) in every record, whatever logger it came from, so neither reaches a log
+line in clear.
+
+Fields passed with ``extra=`` (``log.warning("...", extra={"destination": name, "status":
+429})``) become keys of the JSON object, beside ``ts``, ``level``, ``logger`` and ``msg``, so a
+log collector can filter on them without parsing the message; text lines show the message
+alone.
 """
 
 from __future__ import annotations
@@ -11,6 +17,12 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from typing import Any, Final
+
+from relay.errors import ConfigError
+
+LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FORMATS: Final = ("text", "json")
 
 # Unicode-aware: names and domains outside ASCII (josé@exämple.de) are addresses too, also
 # when they arrive JSON-escaped (jos\u00e9@...) inside a response body quoted in a log line.
@@ -33,6 +45,36 @@ def redact(text: str) -> str:
     return _EMAIL.sub(r"\1***@\2", text)
 
 
+def check_level(level: str, source: str) -> str:
+    """``level`` as logging names it (upper case), or a ``ConfigError`` naming ``source``."""
+    name = level.strip().upper()
+    if name not in LEVELS:
+        raise ConfigError(f"{source} {level!r} is not a log level; use one of: {', '.join(LEVELS)}")
+    return name
+
+
+def check_format(fmt: str, source: str) -> str:
+    name = fmt.strip().lower()
+    if name not in FORMATS:
+        raise ConfigError(f"{source} {fmt!r} is not a log format; use one of: {', '.join(FORMATS)}")
+    return name
+
+
+# What every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRIBUTES: Final = frozenset(
+    vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None))
+) | {"message", "asctime", "taskName"}
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a log call passed with ``extra=``."""
+    return {
+        k: v
+        for k, v in vars(record).items()
+        if k not in _RECORD_ATTRIBUTES and not k.startswith("_")
+    }
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -42,23 +84,31 @@ class RedactingFilter(logging.Filter):
         record.args = None
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        for key, value in extra_fields(record).items():
+            if isinstance(value, str):
+                setattr(record, key, redact(value))
         return True
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key, value in extra_fields(record).items():
+            # A field named like one of the keys above is kept beside it, not over it.
+            out[f"{key}_" if key in out or key == "exc" else key] = value
         if record.exc_text:
             out["exc"] = record.exc_text
-        return json.dumps(out, ensure_ascii=False)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:
+    """Send every record to stderr, redacted; ``level`` and ``fmt`` as ``check_level`` and
+    ``check_format`` accept them."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
     if fmt == "json":

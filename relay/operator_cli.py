@@ -7,7 +7,9 @@ needs the schema owner (relay_worker may not insert destinations). A write key i
 only masked, and only to a session allowed to read it.
 
 Exit status follows ``relay.cli``: 2 for a bad setting or a missing selector, 3 for an
-unreachable database, 1 for other failures (including "permission denied" for the role).
+unreachable database, 5 for a database without the relay's tables or views (relay migrate), 1
+for other failures (including "permission denied" for the role). Every command that reports
+something takes ``--json`` and then prints one JSON document on stdout instead.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import psycopg
 
 from relay import logs
 from relay import queries as q
-from relay.client import base_url_for, mask_key
-from relay.db import check_dsn, connect, first_line
-from relay.errors import ConfigError, DatabaseUnavailable, RelayError
+from relay.client import _sends_key_in_clear, base_url_for, mask_key
+from relay.db import connect, first_line
+from relay.errors import ConfigError, DatabaseUnavailable, NotMigrated, RelayError
+from relay.limits import MAX_PROJECT_ID_BYTES
 from relay.models.states import MESSAGE_STATES
 from relay.retention import DEFAULT_BATCH_SIZE, parse_duration, purge
 
@@ -51,10 +54,12 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 
 def _dsn() -> str:
-    url = os.environ.get("DATABASE_URL")
+    from relay.settings import database_url
+
+    url = database_url()
     if not url:
         raise ConfigError("DATABASE_URL is not set (postgresql://user@host:port/dbname)")
-    return check_dsn(url)
+    return url
 
 
 @contextmanager
@@ -68,7 +73,7 @@ def _errors(purpose: str) -> Iterator[None]:
             "that may do this; see the roles in migration 0002)"
         ) from exc
     except psycopg.errors.UndefinedTable as exc:
-        raise RelayError(
+        raise NotMigrated(
             f"{first_line(str(exc))}: is the database migrated? (relay migrate)"
         ) from exc
     except psycopg.OperationalError as exc:
@@ -482,7 +487,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
     with _session("retry") as conn:
         if args.dry_run:
             row = conn.execute(q.OUTBOX_COUNT_SELECTED, {**params, "states": ["dead"]}).fetchone()
-            print(f"would re-queue {row[0] if row else 0} dead messages")
+            matched = int(row[0]) if row else 0
+            if args.json:
+                _print_json({"dry_run": True, "matched": matched})
+            else:
+                print(f"would re-queue {matched} dead messages")
             return 0
         by = _requeued_by(args)
         changed, busy = _change_in_batches(
@@ -490,6 +499,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
         )
         if changed:
             conn.execute(q.OUTBOX_WAKE_RELAYS)
+    if args.json:
+        _print_json({"dry_run": False, "changed": changed, "busy": busy, "by": by})
+        return 0
     print(f"re-queued {changed} dead messages (by {by})")
     if busy:
         print(f"{busy} matching messages were locked and left dead; run again", file=sys.stderr)
@@ -503,12 +515,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             row = conn.execute(
                 q.OUTBOX_COUNT_SELECTED, {**params, "states": list(UNSENT_STATES)}
             ).fetchone()
-            print(f"would cancel {row[0] if row else 0} unsent messages")
+            matched = int(row[0]) if row else 0
+            if args.json:
+                _print_json({"dry_run": True, "matched": matched})
+            else:
+                print(f"would cancel {matched} unsent messages")
             return 0
         by = _requeued_by(args)
         changed, busy = _change_in_batches(
             conn, q.OUTBOX_CANCEL_UNSENT, {**params, "by": by}, UNSENT_STATES
         )
+    if args.json:
+        _print_json({"dry_run": False, "changed": changed, "busy": busy, "by": by})
+        return 0
     print(f"cancelled {changed} messages (by {by})")
     if busy:
         print(
@@ -538,12 +557,15 @@ def _read_key(args: argparse.Namespace) -> str:
         key = args.write_key
         source = "--write-key"
     else:
-        key = os.environ.get("CUSTOMERIO_WRITE_KEY_NEW", "").strip()
+        from relay.settings import read_secret
+
+        key = read_secret(os.environ, "CUSTOMERIO_WRITE_KEY_NEW") or ""
         source = "CUSTOMERIO_WRITE_KEY_NEW"
         if not key:
             raise ConfigError(
                 "no write key: use --write-key-file PATH (or - for stdin), set "
-                "CUSTOMERIO_WRITE_KEY_NEW, or pass --write-key KEY"
+                "CUSTOMERIO_WRITE_KEY_NEW (or CUSTOMERIO_WRITE_KEY_NEW_FILE), or pass "
+                "--write-key KEY"
             )
     if not key:
         raise ConfigError(f"the write key from {source} is empty")
@@ -560,6 +582,13 @@ def _check_project(project: str) -> str:
         raise ConfigError(
             "the default destination is configured in the relays' environment "
             "(CUSTOMERIO_WRITE_KEY, CUSTOMERIO_REGION), not in relay_destination"
+        )
+    size = len(project.encode())
+    if size > MAX_PROJECT_ID_BYTES:
+        # No message could name it: record_event refuses longer project ids (relay.limits).
+        raise ConfigError(
+            f"the project id is {size} bytes (UTF-8); project ids are at most "
+            f"{MAX_PROJECT_ID_BYTES}"
         )
     return project
 
@@ -585,7 +614,15 @@ def cmd_destinations_set(args: argparse.Namespace) -> int:
     key = _read_key(args)
     api_url = args.api_url.strip() if args.api_url and args.api_url.strip() else None
     # Validates the key's characters and the URL the same way the relays will.
-    Destination(project, base_url_for(args.region, api_url), key)
+    destination = Destination(project, base_url_for(args.region, api_url), key)
+    from relay.settings import insecure_http_allowed
+
+    if _sends_key_in_clear(destination.base_url) and not insecure_http_allowed():
+        raise ConfigError(
+            f"--api-url {api_url} is plain HTTP to a host other than this machine: the write "
+            "key would cross the network readable. Use https://, or set "
+            "RELAY_ALLOW_INSECURE_HTTP=1 for a stand-in on a network you trust"
+        )
     with _session("destinations set") as conn:
         row = conn.execute(
             q.DESTINATION_UPSERT,
@@ -594,6 +631,19 @@ def cmd_destinations_set(args: argparse.Namespace) -> int:
         assert row is not None
         enabled, paused_reason = bool(row[0]), row[1]
         released = _release_held(conn, project) if enabled and not paused_reason else 0
+    if args.json:
+        _print_json(
+            {
+                "project_id": project,
+                "region": args.region,
+                "api_url": api_url,
+                "key": mask_key(key),
+                "enabled": enabled,
+                "paused_reason": paused_reason,
+                "released": released,
+            }
+        )
+        return 0
     print(
         f"destination {project}: region {args.region}"
         + (f", API {api_url}" if api_url else "")
@@ -622,7 +672,17 @@ def _set_enabled(project: str, enabled: bool) -> tuple[bool, str | None, int]:
 
 def cmd_destinations_enable(args: argparse.Namespace) -> int:
     project = _check_project(args.project)
-    _, paused_reason, released = _set_enabled(project, True)
+    enabled, paused_reason, released = _set_enabled(project, True)
+    if args.json:
+        _print_json(
+            {
+                "project_id": project,
+                "enabled": enabled,
+                "paused_reason": paused_reason,
+                "released": released,
+            }
+        )
+        return 0
     print(f"destination {project} enabled; released {released} held messages")
     if paused_reason:
         print(f"still paused: {paused_reason} (set a new key with relay destinations set)")
@@ -631,7 +691,10 @@ def cmd_destinations_enable(args: argparse.Namespace) -> int:
 
 def cmd_destinations_disable(args: argparse.Namespace) -> int:
     project = _check_project(args.project)
-    _set_enabled(project, False)
+    enabled, paused_reason, _ = _set_enabled(project, False)
+    if args.json:
+        _print_json({"project_id": project, "enabled": enabled, "paused_reason": paused_reason})
+        return 0
     print(f"destination {project} disabled: its messages are held until it is enabled")
     return 0
 
@@ -719,6 +782,16 @@ def cmd_purge(args: argparse.Namespace) -> int:
             _progress_printer(),
             include_dead=args.include_dead,
         )
+    if args.json:
+        _print_json(
+            {
+                "messages": totals["messages"],
+                "attempts": totals["attempts"],
+                "older_than": args.older_than,
+                "include_dead": args.include_dead,
+            }
+        )
+        return 0
     kinds = "delivered, coalesced, cancelled" + (" and dead" if args.include_dead else "")
     print(
         f"purged {totals['messages']} messages ({kinds}) and {totals['attempts']} attempts "
@@ -762,6 +835,7 @@ def _add_selectors(p: argparse.ArgumentParser, what: str) -> None:
         help="who is doing this, recorded in requeued_by (default: $USER, else 'operator')",
     )
     p.add_argument("--dry-run", action="store_true", help="only count the messages selected")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def register(sub: Any) -> None:
@@ -835,13 +909,21 @@ def register(sub: Any) -> None:
     ds.add_argument(
         "--write-key-file", metavar="PATH", help="read the write key from a file (- for stdin)"
     )
-    ds.add_argument("--api-url", metavar="URL", help="override the region's API base URL")
+    ds.add_argument(
+        "--api-url",
+        metavar="URL",
+        help="override the region's API base URL (plain http:// to another host needs "
+        "RELAY_ALLOW_INSECURE_HTTP=1)",
+    )
+    ds.add_argument("--json", action="store_true", help="print one JSON object")
     ds.set_defaults(func=cmd_destinations_set)
     dd = dsub.add_parser("disable", help="stop sending a project's messages (they are held)")
     dd.add_argument("project", metavar="PROJECT")
+    dd.add_argument("--json", action="store_true", help="print one JSON object")
     dd.set_defaults(func=cmd_destinations_disable)
     de = dsub.add_parser("enable", help="send a project's messages again")
     de.add_argument("project", metavar="PROJECT")
+    de.add_argument("--json", action="store_true", help="print one JSON object")
     de.set_defaults(func=cmd_destinations_enable)
 
     p = sub.add_parser(
@@ -862,4 +944,7 @@ def register(sub: Any) -> None:
         help=f"rows per transaction (default {DEFAULT_BATCH_SIZE})",
     )
     p.add_argument("--include-dead", action="store_true", help="also delete dead messages")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (progress stays on stderr)"
+    )
     p.set_defaults(func=cmd_purge)

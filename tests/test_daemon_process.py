@@ -262,7 +262,7 @@ def test_relay_migrate_applies_the_schema(empty_dsn: str, cio: FakeCustomerIO) -
     assert version == [(head_revision(),)]
 
 
-def test_relay_run_without_database_url_uses_an_embedded_postgres(
+def test_relay_run_embedded_uses_an_embedded_postgres(
     tmp_path: Any, cio: FakeCustomerIO, dsn: str
 ) -> None:
     env = relay_env(dsn, cio)
@@ -275,6 +275,7 @@ def test_relay_run_without_database_url_uses_an_embedded_postgres(
                 "-m",
                 "relay.cli",
                 "run",
+                "--embedded",
                 "--drain",
                 "--timeout",
                 "20",

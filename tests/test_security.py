@@ -4,6 +4,7 @@ unless an operator turns it off loudly, and customer emails are masked in logs."
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import ssl
@@ -391,6 +392,40 @@ def test_redact_masks_email_addresses(email: str) -> None:
     for text in (f"identify for <{email}> failed", json.dumps({"email": email})):
         masked = logs.redact(text)
         assert email not in masked and email[0] + "***@" in masked, masked
+
+
+def test_json_log_fields_passed_as_extra_are_keys_and_are_redacted() -> None:
+    """Fields of ``extra=`` are keys of the JSON line, masked like the message itself."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.RedactingFilter())
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("relay.test_extra")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logs.register_secret(SECRET)
+    try:
+        logger.warning(
+            "destination %s: 429",
+            "default",
+            extra={
+                "destination": "default",
+                "status": 429,
+                "messages": 7,
+                "customer": "jane.doe@example.com",
+                "error": f"key {SECRET} refused",
+                "level": "not the level",
+            },
+        )
+    finally:
+        logger.removeHandler(handler)
+    record = json.loads(stream.getvalue())
+    assert record["msg"] == "destination default: 429"
+    assert (record["destination"], record["status"], record["messages"]) == ("default", 429, 7)
+    assert record["customer"] == "j***@example.com"
+    assert leaks(stream.getvalue(), SECRET) == []
+    # A field named like one of the line's own keys sits beside it, never over it.
+    assert (record["level"], record["level_"]) == ("warning", "not the level")
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
