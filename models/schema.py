@@ -4,7 +4,7 @@ Every table is prefixed ``relay_`` so the schema can live in an application's ow
 beside its tables, and Alembic records its revision in ``relay_alembic_version`` so it never
 collides with the application's own ``alembic_version``.
 
-The message states are drawn once, in README.md ("Message states"). In short::
+The message states are drawn once, in docs/design.md ("Message states"). In short::
 
     pending ──claim──▶ in_flight ──2xx──▶ delivered
        ▲                  │ ├──408/429/5xx/timeout──▶ retrying ──due──▶ (claimed again)
@@ -48,6 +48,13 @@ from relay.models.states import (
 
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+SCHEMA_MARKER = (
+    "relay schema relay_0005: the outbox of the AppFunnel relay; relay run and /readyz read the "
+    "schema revision from this comment"
+)
+"""``relay_outbox``'s comment: the newest revision script's marker (see migration relay_0005)."""
 
 
 class Base(DeclarativeBase):
@@ -148,6 +155,10 @@ class OutboxMessage(Base):
                 "autovacuum_vacuum_cost_delay": "0",
                 "autovacuum_analyze_scale_factor": "0.02",
             },
+            # The schema's revision, where every role can read it (relay run and /readyz:
+            # relay.migrate.schema_problem). Each revision script sets it to its own id, and
+            # this text follows the newest script.
+            "comment": SCHEMA_MARKER,
         },
     )
 

@@ -6,7 +6,7 @@ run`` never picks a database by itself: without DATABASE_URL it refuses to start
 ``--embedded`` asks for the embedded PostgreSQL in ./.relay-data (a local try-out); ``relay
 demo`` uses that one by default.
 
-A refusal is one line on stderr, and the exit status says which kind (README, "The command
+A refusal is one line on stderr; the exit status says which kind (docs/reference.md, "The command
 line", has the same table)::
 
     0    done
@@ -139,36 +139,28 @@ def _schema(
 def _require_migrated(dsn: str) -> None:
     """``NotMigrated`` unless the database holds this relay's head revision.
 
-    A database with the relay's tables but no revision to read is taken as it is: it migrated
-    the relay inside the application's own Alembic history (README, "The schema: three ways to
-    migrate"), whose version table the relay cannot name, or this role may not read
-    ``relay_alembic_version``.
+    Read from ``relay_outbox``'s comment (``relay.migrate.schema_problem``), which every role
+    may read and every way of migrating writes.
     """
-    from alembic.script import ScriptDirectory
+    import psycopg
 
-    from relay.migrate import LEGACY_REVISIONS, script_location
+    from relay import queries as q
+    from relay.db import first_line, redact_dsn
+    from relay.migrate import schema_problem
 
-    scripts = ScriptDirectory(str(script_location()))
-    heads = frozenset(scripts.get_heads())
-    need = ", ".join(sorted(heads))
-    found, has_outbox = _schema(dsn)
-    if not found:
-        if has_outbox:
-            return
-        raise NotMigrated(f"the database was never migrated: run relay migrate (to {need})")
-    current = frozenset(LEGACY_REVISIONS.get(v, v) for v in found)
-    if current == heads:
-        return
-    unknown = sorted(current - {r.revision for r in scripts.walk_revisions()})
-    if unknown:
-        raise NotMigrated(
-            f"the database is at {', '.join(unknown)}, which this relay does not know (a newer "
-            f"relay migrated it); this relay needs {need}: run the newer relay"
-        )
-    raise NotMigrated(
-        f"the database is at {', '.join(sorted(current))}, this relay needs {need}: "
-        "run relay migrate"
-    )
+    try:
+        with psycopg.connect(
+            dsn, connect_timeout=10, application_name="relay schema check", autocommit=True
+        ) as conn:
+            row = conn.execute(q.SCHEMA_REVISION).fetchone()
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database at {redact_dsn(dsn)}: {first_line(str(exc))}"
+        ) from exc
+    assert row is not None
+    problem = schema_problem(row[0], row[1])
+    if problem:
+        raise NotMigrated(problem)
 
 
 # --- migrate --------------------------------------------------------------------------------

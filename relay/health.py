@@ -7,8 +7,9 @@ Probes, as Kubernetes reads them (200 ok, 503 not; a JSON body says why):
   restart is then the remedy. A database that is down does *not* fail it: each cycle then
   fails fast (connect timeout) and still finishes, and a restart would not bring the
   database back.
-- ``/readyz``: the database answers on a fresh connection and its ``relay_alembic_version``
-  holds the head revision of this relay's migration scripts (``relay migrate`` done). A fresh
+- ``/readyz``: the database answers on a fresh connection and holds the head revision of this
+  relay's migration scripts (read from ``relay_outbox``'s comment, which every role may read
+  and every way of migrating writes: migration relay_0005). A fresh
   connection rather than the relay's own: the relay's may be busy in a delivery cycle, and a
   probe must not queue behind it nor disturb it.
 - ``/healthz``: the same as ``/readyz``, kept for scrapers and scripts that used it.
@@ -38,11 +39,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 import psycopg
-import sqlalchemy.exc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import create_engine, pool
 
-from relay.db import first_line, sqlalchemy_url
+from relay import queries as q
+from relay.db import first_line
 from relay.errors import ConfigError
 from relay.logs import redact
 
@@ -163,87 +163,55 @@ class Readiness:
     """Whether the database answers and is migrated to this relay's head revision."""
 
     def __init__(self, relay: RelayLike) -> None:
-        from alembic.script import ScriptDirectory
-
-        from relay.migrate import alembic_config
-
         self.relay = relay
-        scripts = ScriptDirectory.from_config(alembic_config(relay.dsn))
-        self.heads = frozenset(scripts.get_heads())
-        self.known = frozenset(r.revision for r in scripts.walk_revisions())
-        # A fresh connection per check (no pool): see the module docstring.
-        self.engine = create_engine(
-            sqlalchemy_url(relay.dsn),
-            poolclass=pool.NullPool,
-            connect_args={
-                "connect_timeout": DB_CHECK_TIMEOUT_S,
-                "application_name": "relay readyz",
-            },
-        )
 
-    def revisions(self) -> tuple[str, ...]:
-        """The revisions ``relay_alembic_version`` holds (none: not migrated)."""
-        from alembic.runtime.migration import MigrationContext
-
-        from relay.migrate import VERSION_TABLE
-
-        with self.engine.connect() as conn:
-            raw = conn.connection.dbapi_connection
-            assert isinstance(raw, psycopg.Connection)
+    def schema(self) -> tuple[bool, str | None]:
+        """``queries.SCHEMA_REVISION`` on a fresh connection (no pool: see the module
+        docstring): whether ``relay_outbox`` exists, and its comment, naming the revision."""
+        with psycopg.connect(
+            self.relay.dsn,
+            connect_timeout=DB_CHECK_TIMEOUT_S,
+            application_name="relay readyz",
+            autocommit=True,
+        ) as conn:
             # A query stuck behind a lock (a migration running) is cancelled rather than
             # holding the probe, and a thread of this server, for ever.
-            timer = threading.Timer(DB_CHECK_TIMEOUT_S, raw.cancel_safe)
+            timer = threading.Timer(DB_CHECK_TIMEOUT_S, conn.cancel_safe)
             timer.daemon = True
             timer.start()
             try:
-                ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-                return tuple(ctx.get_current_heads())
+                row = conn.execute(q.SCHEMA_REVISION).fetchone()
             finally:
                 timer.cancel()
+        assert row is not None
+        return bool(row[0]), row[1]
 
     def check(self) -> tuple[bool, dict[str, Any]]:
         """(ready, the JSON body)."""
-        from relay.migrate import LEGACY_REVISIONS
+        from relay.migrate import marked_revision, schema_problem
 
         failed: dict[str, str] = {}
         body: dict[str, Any] = {}
         try:
-            found = self.revisions()
-        except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
-            cause = exc.orig if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
-            if isinstance(cause, psycopg.errors.QueryCanceled):
+            has_outbox, comment = self.schema()
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.errors.QueryCanceled):
                 failed["database"] = f"no answer within {DB_CHECK_TIMEOUT_S} s"
             else:
-                failed["database"] = redact(first_line(str(cause)) or type(cause).__name__)
+                failed["database"] = redact(first_line(str(exc)) or type(exc).__name__)
         else:
-            # A database migrated before the ids were prefixed holds the same schema; the
-            # next `relay migrate` renames its row.
-            current = frozenset(LEGACY_REVISIONS.get(v, v) for v in found)
-            body["revision"] = ", ".join(sorted(found)) or None
-            if current != self.heads:
-                failed["migrations"] = self._migration_problem(current)
+            body["revision"] = marked_revision(comment)
+            problem = schema_problem(has_outbox, comment)
+            if problem:
+                failed["migrations"] = problem
         paused = sorted(self.relay.router.paused)
         if paused:
             body["paused"] = paused  # shown, not a failure: see the module docstring
         body = {"ok": not failed, **({"failed": failed} if failed else {}), **body}
         return not failed, body
 
-    def _migration_problem(self, current: frozenset[str]) -> str:
-        need = ", ".join(sorted(self.heads))
-        if not current:
-            return (
-                f"not migrated (no revision in relay_alembic_version): run relay migrate ({need})"
-            )
-        unknown = sorted(current - self.known)
-        if unknown:
-            return (
-                f"at {', '.join(unknown)}, which this relay's scripts do not know (a newer "
-                f"relay migrated it); this relay needs {need}"
-            )
-        return f"at {', '.join(sorted(current))}, this relay needs {need}: run relay migrate"
-
     def close(self) -> None:
-        self.engine.dispose()
+        """Nothing held between checks (each opens its own connection)."""
 
 
 class MetricsServer(ThreadingHTTPServer):

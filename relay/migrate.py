@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -53,12 +54,49 @@ def versions_location() -> Path:
 
 def head_revision() -> str:
     """The newest revision of the relay's branch: what ``relay migrate`` brings a database to."""
+    return _revisions()[0]
+
+
+_MARKER = re.compile(r"relay schema (\S+?):")
+
+
+def marked_revision(comment: str | None) -> str | None:
+    """The revision a ``relay_outbox`` comment names (migration relay_0005 onwards), if any."""
+    found = _MARKER.match(comment or "")
+    return found.group(1) if found else None
+
+
+@functools.cache
+def _revisions() -> tuple[str, frozenset[str]]:
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory(str(script_location())).get_current_head()
+    scripts = ScriptDirectory(str(script_location()))
+    head = scripts.get_current_head()
     if head is None:
         raise RuntimeError(f"no revision scripts in {versions_location()}")
-    return head
+    return head, frozenset(r.revision for r in scripts.walk_revisions())
+
+
+def schema_problem(has_outbox: bool, comment: str | None) -> str | None:
+    """Why a database (``queries.SCHEMA_REVISION``'s row) cannot run this relay, or None.
+
+    The revision comes from ``relay_outbox``'s comment, not from a version table, so the
+    answer is the same for every role and for every way of migrating (migration relay_0005).
+    """
+    head, known = _revisions()
+    if not has_outbox:
+        return f"the database was never migrated: run relay migrate (to {head})"
+    found = marked_revision(comment)
+    if found == head:
+        return None
+    if found is None:
+        return f"the relay's schema is older than relay_0005: run relay migrate (to {head})"
+    if found not in known:
+        return (
+            f"the database is at {found}, which this relay does not know (a newer relay "
+            f"migrated it); this relay needs {head}: run the newer relay"
+        )
+    return f"the database is at {found}, this relay needs {head}: run relay migrate"
 
 
 # Alembic's path_separator names and what they split on (":" and ";" stand for themselves).

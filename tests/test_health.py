@@ -13,10 +13,12 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -24,13 +26,14 @@ import yaml
 from alembic.script import ScriptDirectory
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
 from relay.daemon import Relay
-from relay.fakecio import FakeCustomerIO
 from relay.health import MetricsServer, serve_metrics, stuck_after_s
 from relay.migrate import alembic_config, upgrade
 from relay.service import DeliveryLoop, Service
 from relay.settings import Settings
+from relay.testing.fakecio import FakeCustomerIO
 from tests.relay_helpers import funnel_event, relay_env, settings_for, wait_until, write_events
 
 KEY = "test-key"  # the fake's accepted key
@@ -272,22 +275,15 @@ def test_readyz_needs_the_database_at_the_head_revision(empty_dsn: str, serve: A
     status, body = probe(server, "/readyz")
     assert status == 503
     assert body["failed"] == {
-        "migrations": f"not migrated (no revision in relay_alembic_version): run relay "
-        f"migrate ({head})"
+        "migrations": f"the database was never migrated: run relay migrate (to {head})"
     }
     assert probe(server, "/healthz") == (status, body)
 
-    upgrade(empty_dsn, "relay_0002")
-    behind = {"migrations": f"at relay_0002, this relay needs {head}: run relay migrate"}
-    assert probe(server, "/readyz") == (
-        503,
-        {"ok": False, "failed": behind, "revision": "relay_0002"},
-    )
-    with psycopg.connect(empty_dsn) as conn:
-        # Migrated before the ids had their prefix: the same revision.
-        conn.execute("UPDATE relay_alembic_version SET version_num = '0002'")
-        conn.commit()
-    assert probe(server, "/readyz") == (503, {"ok": False, "failed": behind, "revision": "0002"})
+    upgrade(empty_dsn, "relay_0004")  # before the revision was kept in the catalog
+    older = {
+        "migrations": f"the relay's schema is older than relay_0005: run relay migrate (to {head})"
+    }
+    assert probe(server, "/readyz") == (503, {"ok": False, "failed": older, "revision": None})
 
     upgrade(empty_dsn)
     assert probe(server, "/readyz") == (200, {"ok": True, "revision": head})
@@ -295,10 +291,30 @@ def test_readyz_needs_the_database_at_the_head_revision(empty_dsn: str, serve: A
 
     with psycopg.connect(empty_dsn) as conn:
         # Migrated by a newer relay.
-        conn.execute("UPDATE relay_alembic_version SET version_num = 'relay_9999'")
+        conn.execute("COMMENT ON TABLE relay_outbox IS 'relay schema relay_9999: newer'")
         conn.commit()
     status, body = probe(server, "/readyz")
-    assert status == 503 and "relay_9999, which this relay's scripts do not know" in str(body)
+    assert status == 503 and "relay_9999, which this relay does not know" in str(body)
+
+
+def test_readyz_answers_for_every_role_and_every_way_of_migrating(dsn: str, serve: Any) -> None:
+    # relay_worker may not read the Alembic version table, and a database migrated inside an
+    # application's own history has none of the relay's: readiness reads the catalog.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE relay_alembic_version")
+        user = f"relay_test_{uuid.uuid4().hex[:10]}"
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(user)))
+        conn.execute(sql.SQL("GRANT relay_worker TO {}").format(sql.Identifier(user)))
+    try:
+        parts = urlsplit(dsn)
+        as_worker = urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+        _, server = serve(as_worker)
+        (head,) = head_revisions()
+        assert probe(server, "/readyz") == (200, {"ok": True, "revision": head})
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(user)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(user)))
 
 
 def test_readyz_is_503_when_the_database_does_not_exist(dsn: str, serve: Any) -> None:

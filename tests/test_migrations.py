@@ -205,3 +205,27 @@ def test_add_version_location_keeps_the_apps_own_folder(tmp_path: Path) -> None:
         str(versions_location()),
     ]
     assert (versions_location() / "0001_outbox_attempts_destinations.py").is_file()
+
+
+def test_the_head_revision_names_itself_in_the_outbox_comment(empty_dsn: str) -> None:
+    # relay run and /readyz read the schema's revision from this comment (migration
+    # relay_0005): every later revision must set it to its own id, or a migrated database
+    # would be reported as behind.
+    from relay import queries as q
+    from relay.migrate import head_revision, marked_revision, schema_problem
+    from relay.models.schema import SCHEMA_MARKER
+
+    upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn) as conn:
+        row = conn.execute(q.SCHEMA_REVISION).fetchone()
+    assert row is not None and row[0] is True
+    assert marked_revision(row[1]) == head_revision()
+    assert schema_problem(row[0], row[1]) is None
+    assert row[1] == SCHEMA_MARKER  # the models follow the newest script
+    downgrade(empty_dsn, "relay_0004")
+    with psycopg.connect(empty_dsn) as conn:
+        row = conn.execute(q.SCHEMA_REVISION).fetchone()
+    assert row is not None and marked_revision(row[1]) is None
+    assert schema_problem(row[0], row[1]) == (
+        f"the relay's schema is older than relay_0005: run relay migrate (to {head_revision()})"
+    )
