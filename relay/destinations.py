@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay.client import REGION_URLS, CustomerIOClient, Destination
+from relay.client import REGION_URLS, CustomerIOClient, Destination, sends_key_in_clear
 from relay.errors import ConfigError
 from relay.ratelimit import RateLimiter
 
@@ -52,8 +52,10 @@ class Router:
         *,
         client_factory: Callable[[Destination], CustomerIOClient],
         limiter_factory: Callable[[], RateLimiter],
+        allow_insecure_http: bool = False,
     ) -> None:
         self._default = default
+        self._allow_insecure_http = allow_insecure_http
         self._default_paused: str | None = None
         self._rows: dict[str, DestinationRow] = {}
         self._client_factory = client_factory
@@ -84,6 +86,16 @@ class Router:
                         row.project_id,
                     )
                 base = (row.api_url or REGION_URLS[row.region]).rstrip("/")
+                if sends_key_in_clear(base) and not self._allow_insecure_http:
+                    # The same rule as CUSTOMERIO_API_URL at start-up: a row changed later
+                    # (by whoever may write relay_destination) must not send the key in clear.
+                    return Route(
+                        None,
+                        f"destination {row.project_id}: {base} is plain http:// to another "
+                        "host and would send the write key unencrypted (use https://, or set "
+                        "RELAY_ALLOW_INSECURE_HTTP=1 for a stand-in on a network you trust)",
+                        row.project_id,
+                    )
                 try:
                     dest = Destination(row.project_id, base, row.write_key)
                 except ConfigError as exc:

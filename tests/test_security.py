@@ -25,9 +25,9 @@ from relay import logs, record_event
 from relay.client import CustomerIOClient, Destination
 from relay.daemon import Relay
 from relay.errors import ConfigError
-from relay.fakecio import FakeCustomerIO
 from relay.service import drain
 from relay.settings import Settings, from_env
+from relay.testing.fakecio import FakeCustomerIO
 from tests.relay_helpers import KEY, funnel_event, query, settings_for, write_events
 from tests.relay_helpers import relay_env as helpers_relay_env
 
@@ -468,3 +468,32 @@ def test_a_relay_at_debug_logs_no_customer_email(
         assert email.split("@")[0][1:] not in output, (email, output)
     dead = query(dsn, "SELECT last_error FROM relay_outbox WHERE state = 'dead'")
     assert dead and "is suppressed" in dead[0][0]
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_destination_row_with_plain_http_to_another_host_holds_its_messages(
+    allowed: bool,
+) -> None:
+    # CUSTOMERIO_API_URL is refused at start-up; a relay_destination row is read later, so the
+    # same rule holds it there: its messages wait (held, with the reason) and the key stays.
+    from relay.destinations import Router
+
+    router = Router(
+        None,
+        client_factory=lambda d: pytest.fail("no client for a refused destination"),
+        limiter_factory=lambda: pytest.fail("no limiter either"),
+        allow_insecure_http=allowed,
+    )
+    # project_id, region, api_url, enabled, paused_at, paused_reason, updated_at, write_key
+    router.refresh([("prj_http", "us", "http://cio.example.net", True, None, None, None, SECRET)])
+    route = router.route("prj_http")
+    if allowed:
+        assert route.destination is not None and route.reason is None
+    else:
+        assert route.destination is None
+        assert route.reason is not None
+        assert "plain http://" in route.reason and "RELAY_ALLOW_INSECURE_HTTP=1" in route.reason
+        assert SECRET not in route.reason
+    loopback = Router(None, client_factory=lambda d: None, limiter_factory=lambda: None)  # type: ignore[arg-type,return-value]
+    loopback.refresh([("prj_local", "us", "http://127.0.0.1:8080", True, None, None, None, SECRET)])
+    assert loopback.route("prj_local").destination is not None
