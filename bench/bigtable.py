@@ -13,7 +13,7 @@
 2. **Before**: table and index sizes, live and dead tuples, and the claim query
    (``EXPLAIN ANALYZE`` of ``OUTBOX_CLAIM_HEADS``, customers=100, rolled back).
 3. **Drain**: one ``relay run --drain`` (default settings, RELAY_CONCURRENCY included) against a
-   ``python -m relay.fakecio`` process. The server's accepted count is sampled every 0.2 s;
+   ``python -m relay.testing.fakecio`` process. The server's accepted count is sampled every 0.2 s;
    the rate over the first and the last 10% of the messages it receives is compared (target:
    end >= 80% of start). The claim query is timed again at 50% and 90% of the drain, from a
    side session (its locks are held for the statement only, then rolled back). The relay's

@@ -32,6 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
+from relay.tables import markdown_table
+
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -282,27 +284,9 @@ def median(values: Sequence[float]) -> float:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table (readable as plain text too); numbers right-aligned."""
-    text = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in text)) for i, h in enumerate(headers)]
-    numeric = [
-        all(isinstance(row[i], (int, float)) or row[i] in (None, "") for row in rows)
-        for i in range(len(headers))
-    ]
-
-    def line(cells: Sequence[str]) -> str:
-        out = [
-            c.rjust(w) if num else c.ljust(w)
-            for c, w, num in zip(cells, widths, numeric, strict=True)
-        ]
-        return "| " + " | ".join(out) + " |"
-
-    rule = "|".join(
-        ("-" * (w + 1) + ":") if num else ("-" * (w + 2))
-        for w, num in zip(widths, numeric, strict=True)
-    )
-    rule = f"|{rule}|"
-    return "\n".join([line(headers), rule, *(line(r) for r in text)])
+    """A GitHub-flavoured Markdown table (readable as plain text too); numbers right-aligned,
+    figures rounded to what a benchmark can tell apart."""
+    return "\n".join(markdown_table(headers, rows, cell=_cell))
 
 
 def _cell(value: Any) -> str:

@@ -10,8 +10,8 @@
 - **Relay**: exactly ``relay run --poll-interval 5`` in its own process. The poll interval is
   long on purpose: between bursts only the outbox trigger's ``NOTIFY`` can wake it, which is
   what this measures.
-- **Fake Customer.io**: ``relay.fakecio.FakeCustomerIO`` in a process of its own (this module
-  with ``--serve-fake``), so that neither the writer nor the relay shares its GIL. The HTTP
+- **Fake Customer.io**: ``relay.testing.fakecio.FakeCustomerIO`` in a process of its own (this
+  module with ``--serve-fake``), so that neither the writer nor the relay shares its GIL. The HTTP
   endpoint ``/_fake/received`` has no times; that process hands back each accepted item's
   ``received_at`` (``time.monotonic()`` when its request was stored) on request.
 
@@ -75,7 +75,7 @@ def serve_fake() -> int:
     Prints ``listening on URL`` first. The receipts are one JSON line: a list of
     ``[messageId, kind, received_at]`` for every accepted item.
     """
-    from relay.fakecio import FakeCustomerIO
+    from relay.testing.fakecio import FakeCustomerIO
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
     fake = FakeCustomerIO(write_keys={WRITE_KEY}).start()

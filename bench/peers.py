@@ -5,7 +5,7 @@
 Workload: ``--customers`` customers (10,000; 200 with ``--quick``), each with the 10-event
 funnel of ``bench.common.FUNNEL_STEPS``; every event is an identify and a track, the bodies
 ``relay.mapping.map_event`` produces, so every system sends the same data. Each system runs
-against its own ``python -m relay.fakecio`` process, once answering at once and once after
+against its own ``python -m relay.testing.fakecio`` process, once answering at once and once after
 50 ms per request (``--latency-ms``), the order of magnitude of a request to Customer.io from
 another network.
 

@@ -79,6 +79,7 @@ __all__ = [
     "SendResult",
     "base_url_for",
     "mask_key",
+    "sends_key_in_clear",
 ]
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,11 @@ def _check_base_url(name: str, base_url: str) -> None:
         )
 
 
-def _sends_key_in_clear(base_url: str) -> bool:
+def sends_key_in_clear(base_url: str) -> bool:
+    """Whether requests to ``base_url`` carry the write key readable on the network: plain
+    ``http://`` to a host other than this machine. The settings and ``relay destinations set``
+    refuse such a URL unless RELAY_ALLOW_INSECURE_HTTP allows it; the client warns when it
+    sends to one."""
     parts = urlsplit(base_url)
     return parts.scheme == "http" and (parts.hostname or "").lower() not in _LOOPBACK_HOSTS
 
@@ -550,7 +555,7 @@ class CustomerIOClient:
                 "TLS certificate verification is DISABLED for Customer.io destination %s",
                 destination,
             )
-        if _sends_key_in_clear(destination.base_url):
+        if sends_key_in_clear(destination.base_url):
             logger.warning(
                 "Customer.io destination %s uses plain HTTP: the write key is sent unencrypted",
                 destination,

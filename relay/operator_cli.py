@@ -29,12 +29,13 @@ import psycopg
 
 from relay import logs
 from relay import queries as q
-from relay.client import _sends_key_in_clear, base_url_for, mask_key
+from relay.client import base_url_for, mask_key, sends_key_in_clear
 from relay.db import connect, first_line
 from relay.errors import ConfigError, DatabaseUnavailable, NotMigrated, RelayError
 from relay.limits import MAX_PROJECT_ID_BYTES
 from relay.models.states import MESSAGE_STATES
 from relay.retention import DEFAULT_BATCH_SIZE, parse_duration, purge
+from relay.tables import text_table
 
 # Every state, in the order status shows them (zero counts included).
 STATES: Final = MESSAGE_STATES
@@ -118,29 +119,6 @@ def _age(seconds: float | None) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
-def _table_lines(
-    headers: Sequence[str] | None, rows: Sequence[Sequence[Any]], numeric: int = 0
-) -> list[str]:
-    """Rows (and a header line, if given) padded to each column's widest cell; columns 1 to
-    ``numeric`` are right-aligned (counts)."""
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
-    if headers is not None:
-        cells.insert(0, list(headers))
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))] if cells else []
-
-    def line(values: Sequence[str]) -> str:
-        out = []
-        for i, (v, w) in enumerate(zip(values, widths, strict=True)):
-            out.append(v.rjust(w) if 1 <= i <= numeric else v.ljust(w))
-        return "  ".join(out).rstrip()
-
-    return [line(r) for r in cells]
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: int = 0) -> str:
-    return "\n".join(_table_lines(headers, rows, numeric))
-
-
 # --- status ---------------------------------------------------------------------------------
 
 
@@ -213,7 +191,7 @@ def render_status(snap: dict[str, Any]) -> str:
             _age(snap["oldest_pending_age_s"]),
         ]
     )
-    lines = [_table(headers, rows, numeric=len(STATES))]
+    lines = text_table(headers, rows, right=range(1, len(STATES) + 1))
     lines.append("(OLDEST: oldest message not yet delivered; LAG: oldest waiting to be sent)")
     lines.append("")
     lines.append(
@@ -355,7 +333,7 @@ def render_history(history: dict[str, Any]) -> str:
     title = f"customer {history['customer']}: {total} messages" + (
         f", newest {shown} shown" if shown < total else ""
     )
-    message_lines = _table_lines(
+    message_lines = text_table(
         ["ID", "MESSAGE ID", "EVENT", "KIND", "STATE", "ATTEMPTS", "WRITTEN", "LAST ERROR"],
         [
             [
@@ -370,11 +348,12 @@ def render_history(history: dict[str, Any]) -> str:
             ]
             for m in messages
         ],
+        right=(),
     )
     # All attempts in one table so their columns line up across messages.
     attempts = [a for m in messages for a in m["attempt_log"]]
     attempt_lines = iter(
-        _table_lines(
+        text_table(
             None,
             [
                 [
@@ -388,6 +367,7 @@ def render_history(history: dict[str, Any]) -> str:
                 ]
                 for a in attempts
             ],
+            right=(),
         )
     )
     lines = [title + " (newest first; attempts: time, status, outcome, latency, relay)", ""]
@@ -617,7 +597,7 @@ def cmd_destinations_set(args: argparse.Namespace) -> int:
     destination = Destination(project, base_url_for(args.region, api_url), key)
     from relay.settings import insecure_http_allowed
 
-    if _sends_key_in_clear(destination.base_url) and not insecure_http_allowed():
+    if sends_key_in_clear(destination.base_url) and not insecure_http_allowed():
         raise ConfigError(
             f"--api-url {api_url} is plain HTTP to a host other than this machine: the write "
             "key would cross the network readable. Use https://, or set "
@@ -729,25 +709,23 @@ def cmd_destinations_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no destinations in relay_destination (messages go to the default destination)")
         return 0
-    print(
-        _table(
-            ["PROJECT", "REGION", "API URL", "KEY", "ENABLED", "PAUSED", "UPDATED"],
+    lines = text_table(
+        ["PROJECT", "REGION", "API URL", "KEY", "ENABLED", "PAUSED", "UPDATED"],
+        [
             [
-                [
-                    r["project_id"],
-                    r["region"],
-                    r["api_url"] or "(region default)",
-                    r["key"] or "(not readable by this role)",
-                    "yes" if r["enabled"] else "no",
-                    f"since {_when(r['paused_at'])}: {r['paused_reason']}"
-                    if r["paused_at"]
-                    else "no",
-                    _when(r["updated_at"]),
-                ]
-                for r in rows
-            ],
-        )
+                r["project_id"],
+                r["region"],
+                r["api_url"] or "(region default)",
+                r["key"] or "(not readable by this role)",
+                "yes" if r["enabled"] else "no",
+                f"since {_when(r['paused_at'])}: {r['paused_reason']}" if r["paused_at"] else "no",
+                _when(r["updated_at"]),
+            ]
+            for r in rows
+        ],
+        right=(),
     )
+    print("\n".join(lines))
     return 0
 
 

@@ -378,6 +378,19 @@ FROM relay_throttle
 WHERE resume_at > now()
 """
 
+# --- the schema's revision ---------------------------------------------------------------------
+
+# Whether the relay's outbox exists, and its comment, which names the schema revision
+# (migration relay_0005; relay.migrate.schema_problem reads it). Catalog lookups any role may
+# make: relay_worker and relay_operator cannot read the Alembic version table, and an
+# application that merged the relay's scripts into its history keeps the revision elsewhere.
+# Index: pg_class by name (to_regclass, resolved on the search_path), pg_description by
+# object. Locks: none.
+SCHEMA_REVISION: Final = """
+SELECT to_regclass('relay_outbox') IS NOT NULL,
+       obj_description(to_regclass('relay_outbox'), 'pg_class')
+"""
+
 # --- wake-ups ---------------------------------------------------------------------------------
 
 # Notification channel fired by the relay_outbox_notify trigger (see the first migration).
@@ -648,3 +661,57 @@ OUTBOX_VACUUM_UNLOCK: Final = "SELECT pg_advisory_unlock(hashtext('relay_outbox_
 # inserts nor the relays' claims; SKIP_LOCKED gives up at once if another vacuum holds it.
 # Needs autocommit (VACUUM cannot run in a transaction) and ownership of the table.
 OUTBOX_VACUUM: Final = "VACUUM (SKIP_LOCKED) relay_outbox"
+
+# --- the demo (relay demo) --------------------------------------------------------------------
+
+# The demo's rows are the outbox rows whose event id starts with %(prefix)s (relay.demo.funnels:
+# EVENT_PREFIX, with a trailing '%'). No index serves event_id: the demo runs on an outbox of
+# its own, or one that holds only finished messages of others (--force), and scans it.
+
+# Other sessions of relays on this database (relay.db names them "relay <purpose> ..."), their
+# names in one text ('' when none): such a relay would deliver the demo's messages to a real
+# workspace. Run without parameters, so its '%' is a LIKE wildcard as written.
+# Index: none (pg_stat_activity reads shared memory). Locks: none.
+SESSION_DEMO_OTHER_RELAYS: Final = """
+SELECT coalesce(string_agg(DISTINCT application_name, ', '), '')
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND pid <> pg_backend_pid()
+  AND application_name LIKE 'relay %'
+"""
+
+# Messages that are not the demo's: how many are still unfinished, and how many in all.
+# Index: none (sequential scan of relay_outbox). Locks: none.
+OUTBOX_DEMO_COUNT_OTHERS: Final = f"""
+SELECT count(*) FILTER (WHERE state IN {UNFINISHED}) AS unfinished, count(*) AS total
+FROM relay_outbox
+WHERE event_id NOT LIKE %(prefix)s
+"""
+
+# Delete an earlier run's rows, and the attempts that carried them, in one statement: otherwise
+# the run's event ids would map to the same messageIds and be skipped as duplicates.
+# Index: none for relay_outbox (sequential scan); relay_attempt_message_ids_idx (GIN, &&) for
+# the attempts. Locks: row locks on the deleted rows.
+OUTBOX_DEMO_DELETE: Final = """
+WITH gone AS (DELETE FROM relay_outbox WHERE event_id LIKE %(prefix)s RETURNING id)
+DELETE FROM relay_attempt WHERE message_ids && ARRAY(SELECT id FROM gone)
+"""
+
+# The demo's rows as the report shows them, in write order.
+# Index: none (sequential scan of relay_outbox). Locks: none.
+OUTBOX_DEMO_ROWS: Final = """
+SELECT id, message_id, event_id, kind, customer_key, event_type, state, attempts,
+       coalesced_into, last_error
+FROM relay_outbox
+WHERE event_id LIKE %(prefix)s
+ORDER BY id
+"""
+
+# Every request that carried one of the messages %(ids)s (bigint[]), in the order recorded.
+# Index: relay_attempt_message_ids_idx (GIN, &&). Locks: none.
+ATTEMPT_DEMO_ROWS: Final = """
+SELECT status_code, outcome, error, message_count, message_ids
+FROM relay_attempt
+WHERE message_ids && %(ids)s::bigint[]
+ORDER BY id
+"""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from relay.client import GZIP_MIN_BYTES, REGION_URLS, _sends_key_in_clear, mask_key
+from relay.client import GZIP_MIN_BYTES, REGION_URLS, mask_key, sends_key_in_clear
 from relay.errors import ConfigError
 
 log = logging.getLogger("relay")
@@ -112,7 +112,7 @@ class Settings:
         if not self.write_key:
             raise ConfigError(
                 "CUSTOMERIO_WRITE_KEY is not set (the Pipelines write key of the default "
-                "destination; see README: Configuration)"
+                "destination; see docs/configuration.md)"
             )
         return self.write_key
 
@@ -127,7 +127,7 @@ def _check_api_url(url: str, allow_insecure_http: bool) -> None:
         raise ConfigError(
             "CUSTOMERIO_API_URL must be an http(s) URL such as https://cdp.customer.io"
         )
-    if _sends_key_in_clear(url) and not allow_insecure_http:
+    if sends_key_in_clear(url) and not allow_insecure_http:
         raise ConfigError(
             f"CUSTOMERIO_API_URL {url} is plain HTTP to a host other than this machine: the "
             "write key would cross the network readable. Use https://, or set "
@@ -364,7 +364,7 @@ def database_url(env: Mapping[str, str] | None = None) -> str | None:
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from environment variables (see README: Configuration)."""
+    """Settings from environment variables (see docs/configuration.md)."""
     env = os.environ if env is None else env
     if (env.get("RELAY_MAX_ATTEMPTS") or "").strip():
         # Removed: a count of transient failures said nothing about the message, and made

@@ -73,8 +73,8 @@ from typing import Any
 import psycopg
 
 from relay import record_event
-from relay.fakecio import STORING_FAULTS, Accepted, FakeCustomerIO, RequestRecord
 from relay.mapping import EVENT_TYPES, map_event
+from relay.testing.fakecio import STORING_FAULTS, Accepted, FakeCustomerIO, RequestRecord
 from tests import invariants
 
 KEY = "chaos-write-key"

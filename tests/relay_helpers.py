@@ -11,8 +11,8 @@ import psycopg
 
 from relay import record_event
 from relay.daemon import Relay
-from relay.fakecio import FakeCustomerIO
 from relay.settings import Settings
+from relay.testing.fakecio import FakeCustomerIO
 
 KEY = "test-key"
 

@@ -28,7 +28,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import InvalidEvent, MappingConfig, record_event
-from relay.fakecio import FakeCustomerIO
 from relay.limits import (
     MAX_CUSTOMER_KEY_BYTES,
     MAX_EVENT_ID_BYTES,
@@ -37,6 +36,7 @@ from relay.limits import (
 )
 from relay.mapping import EVENT_TYPES, MAX_DEPTH, MAX_MESSAGE_BYTES, map_event
 from relay.service import drain
+from relay.testing.fakecio import FakeCustomerIO
 from tests.relay_helpers import KEY, OPTIONAL_CUSTOMER_STRINGS, make_relay, query, states
 
 Conn = psycopg.Connection[tuple[Any, ...]]

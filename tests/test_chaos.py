@@ -17,8 +17,8 @@ import psycopg
 import pytest
 
 from relay.errors import DatabaseUnavailable
-from relay.fakecio import FakeCustomerIO
 from relay.service import drain
+from relay.testing.fakecio import FakeCustomerIO
 from tests import invariants
 from tests.chaos import Poison, _Ledger, _Writer, embedded_restarter, run_chaos
 from tests.relay_helpers import KEY, funnel_event, make_relay, write_events

@@ -33,9 +33,9 @@ from relay.client import (
     mask_key,
 )
 from relay.errors import ConfigError
-from relay.fakecio import FakeCustomerIO
 from relay.service import drain
 from relay.settings import from_env
+from relay.testing.fakecio import FakeCustomerIO
 from tests.rawfake import RawFake, hang_before_response
 from tests.relay_helpers import KEY as RELAY_KEY
 from tests.relay_helpers import funnel_event, make_relay, write_events

@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay.fakecio import FakeCustomerIO
 from relay.migrate import head_revision
 from relay.service import Service, drain
+from relay.testing.fakecio import FakeCustomerIO
 from tests.relay_helpers import (
     KEY,
     funnel_event,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import psycopg
 
 from tests.relay_helpers import funnel_event, query, write_events
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The README promises a demo well under a minute; a run that creeps towards it fails here.
 TIME_LIMIT_S = 30.0
@@ -28,15 +31,25 @@ HEADINGS = (
 
 
 def run_demo(
-    args: Sequence[str], *, dsn: str | None, cwd: Path
+    args: Sequence[str], *, dsn: str | None, cwd: Path, dsn_file: Path | None = None
 ) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``relay demo`` with ``dsn`` as DATABASE_URL, or ``dsn_file`` as DATABASE_URL_FILE."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "RELAY_DATA_DIR", "RELAY_LOG_LEVEL", "RELAY_LOG_FORMAT")
+        if k
+        not in (
+            "DATABASE_URL",
+            "DATABASE_URL_FILE",
+            "RELAY_DATA_DIR",
+            "RELAY_LOG_LEVEL",
+            "RELAY_LOG_FORMAT",
+        )
     }
     if dsn is not None:
         env["DATABASE_URL"] = dsn
+    if dsn_file is not None:
+        env["DATABASE_URL_FILE"] = str(dsn_file)
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "relay.cli", "demo", *args],
@@ -138,6 +151,25 @@ def test_demo_refuses_an_outbox_holding_other_messages(dsn: str, tmp_path: Path)
     )
 
 
+def test_demo_reads_the_database_url_from_database_url_file(dsn: str, tmp_path: Path) -> None:
+    # A mounted secret, as containers pass it: the file ends with a newline.
+    secret = tmp_path / "database_url"
+    secret.write_text(dsn + "\n")
+    data_dir = tmp_path / "pg"
+
+    result, _ = run_demo(
+        ["--customers", "2", "--data-dir", str(data_dir)], dsn=None, cwd=tmp_path, dsn_file=secret
+    )
+
+    assert result.returncode == 0, describe(result)
+    assert "DATABASE_URL postgresql://" in result.stdout, describe(result)
+    assert "embedded PostgreSQL" not in result.stdout
+    # The demo ran on the file's database, and never started the embedded server.
+    assert_all_delivered(dsn)
+    assert query(dsn, "SELECT count(*) > 0 FROM relay_outbox") == [(True,)]
+    assert not data_dir.exists()
+
+
 def test_demo_rejects_an_unknown_fault_kind(tmp_path: Path) -> None:
     result, _ = run_demo(["--faults", "meteor=0.5"], dsn=None, cwd=tmp_path)
 
@@ -168,3 +200,26 @@ def test_demo_on_the_embedded_postgresql_when_database_url_is_unset(tmp_path: Pa
         assert_all_delivered(server.dsn("relay_demo"))
     finally:
         server.stop()
+
+
+def test_the_demo_never_imports_the_command_line() -> None:
+    # relay.cli imports relay.demo to add the subcommand; an import back, even one deferred
+    # into a function, would make the two modules a cycle.
+    importers = []
+    for path in sorted((REPO / "relay" / "demo").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if "relay.cli" in names:
+                importers.append(f"{path.name}:{node.lineno}")
+    assert importers == []
+    # Imported alone, in a fresh interpreter, the demo loads without the command line.
+    probe = "import sys, relay.demo; print('relay.cli' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False", result.stderr

@@ -4,7 +4,7 @@ No container engine or systemd instance is needed. Each file is read the way its
 it (the Dockerfile's final stage, the unit's Environment=/EnvironmentFile=, compose's
 services), and the commands it would start are run here, as subprocesses of this virtual
 environment's ``relay``, with the environment it would give them, against this test's
-database and ``relay.fakecio``:
+database and ``relay.testing.fakecio``:
 
 - Dockerfile: the wheel is built from the build context ``.dockerignore`` leaves, copied as
   the build stage's COPY lines copy it; the final stage's ENTRYPOINT + CMD then run from that
@@ -53,8 +53,8 @@ import pytest
 from psycopg import sql
 
 from relay.cli import build_parser
-from relay.fakecio import FakeCustomerIO
 from relay.settings import Settings, from_env
+from relay.testing.fakecio import FakeCustomerIO
 from tests.relay_helpers import KEY, funnel_event, query, states, wait_until, write_events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -816,18 +816,18 @@ def test_compose_services_run_real_commands(compose: dict[str, Any]) -> None:
     services = relay_services(compose)
     assert {"migrate", "relay", "fakecio"} <= set(services), sorted(services)
     parser = build_parser()
-    from relay.fakecio import _arg_parser as fakecio_parser
+    from relay.testing.fakecio import _arg_parser as fakecio_parser
 
     for name, service in services.items():
         argv = service_argv(service)
-        if argv[:3] == ["python", "-m", "relay.fakecio"]:
+        if argv[:3] == ["python", "-m", "relay.testing.fakecio"]:
             fakecio_parser().parse_args(argv[3:])
         else:
             assert argv[0] == "relay", f"{name}: {argv}"
             parser.parse_args(argv[1:])
     assert service_argv(services["migrate"])[:2] == ["relay", "migrate"]
     assert service_argv(services["relay"])[:2] == ["relay", "run"]
-    assert service_argv(services["fakecio"])[:3] == ["python", "-m", "relay.fakecio"]
+    assert service_argv(services["fakecio"])[:3] == ["python", "-m", "relay.testing.fakecio"]
 
 
 def test_compose_wires_the_services_together(compose: dict[str, Any]) -> None:

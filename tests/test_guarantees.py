@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from relay.fakecio import FakeCustomerIO
 from relay.retry import RetryPolicy, decide
 from relay.service import drain
 from relay.settings import Settings
+from relay.testing.fakecio import FakeCustomerIO
 from tests import invariants
 from tests.rawfake import RawFake, trickle_body
 from tests.relay_helpers import (

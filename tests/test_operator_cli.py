@@ -136,7 +136,7 @@ def test_a_database_without_the_operator_views_is_one_line_not_a_traceback(
 
     upgrade(empty_dsn, "relay_0001")
     done = relay(empty_dsn, "status")
-    assert done.returncode == 5  # the schema is not this relay's (README: exit statuses)
+    assert done.returncode == 5  # the schema is not this relay's (docs/reference.md)
     assert "relay_status" in done.stderr and "relay migrate" in done.stderr
     assert "Traceback" not in done.stderr
 
