@@ -1,6 +1,6 @@
 """The vocabulary of the schema, without SQLAlchemy (the daemon and the CLI import only this).
 
-The message states and their transitions are drawn in README.md ("Message states").
+The message states and their transitions are drawn in docs/design.md ("Message states").
 """
 
 from __future__ import annotations
