@@ -9,8 +9,8 @@
 #       -e CUSTOMERIO_WRITE_KEY=... -e CUSTOMERIO_REGION=eu appfunnel-cio-relay
 #
 # DATABASE_URL must name the application's database (the one its transactions write the
-# outbox rows in): without it `relay run` would start an empty embedded PostgreSQL inside the
-# container. The same image runs every operator command:
+# outbox rows in): without it `relay run` refuses to start (exit 2), and the image never
+# asks for the embedded server. The same image runs every operator command:
 # `docker run --rm -e DATABASE_URL=... appfunnel-cio-relay status`.
 #
 # Give the container at least 45 s to stop (`docker run --stop-timeout 45`, compose
