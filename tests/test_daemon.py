@@ -17,8 +17,8 @@ from relay import daemon, service
 from relay.daemon import Relay
 from relay.db import StatementFailed
 from relay.errors import DatabaseUnavailable
-from relay.fakecio import FakeCustomerIO
 from relay.service import drain
+from relay.testing.fakecio import FakeCustomerIO
 from tests.relay_helpers import (
     KEY,
     funnel_event,
