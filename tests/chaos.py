@@ -1296,6 +1296,16 @@ class _Evidence:
     def attempt(self, request_no: int) -> _Attempt | None:
         """The relay's record of this request, if it made one."""
         found = self.attempts.get(self.rows_of_request.get(request_no, ()), [])
+        sent_at = self.requests[request_no].sent_at
+        if sent_at is not None:
+            # The batch's sentAt is the relay's started_at to the millisecond (truncated):
+            # exact, where matching by time alone can take a quick re-send of the same rows
+            # (released and claimed again milliseconds later) for this request's record.
+            t = datetime.fromisoformat(sent_at.replace("Z", "+00:00")).timestamp()
+            for a in found:
+                if t - 1e-6 <= a.started < t + 0.0015:
+                    return a
+            return None
         at = self.wall(request_no)
         status = self.requests[request_no].status
         starts = [a.started for a in found]

@@ -948,3 +948,14 @@ def test_a_gzip_bomb_is_refused_after_the_limit_not_inflated_whole(
     assert response.status_code == 400
     assert "decompresses to more than 512000 bytes" in response.json()["error"]
     assert last_request(cio).bytes == MAX_REQUEST_BYTES + 1
+
+
+def test_a_request_record_keeps_the_batch_sent_at(
+    cio: FakeCustomerIO, client: httpx.Client
+) -> None:
+    # sentAt is the client's own start time: what ties a request to the client's record of it
+    # (the chaos run matches relay_attempt rows by it).
+    assert client.post("/v1/batch", json=batch(identify())).status_code == 200
+    assert client.post("/v1/identify", json=identify()).status_code == 200
+    assert client.post("/v1/batch", content=b"[1]").status_code == 400
+    assert [r.sent_at for r in cio.requests] == ["2024-05-01T12:00:00Z", None, None]

@@ -202,6 +202,9 @@ class RequestRecord:
     user_agent: str | None = dataclasses.field(default=None, compare=False)
     """The request's ``User-Agent``; not part of equality, as a generic client's names the
     version of its HTTP library."""
+    sent_at: str | None = dataclasses.field(default=None, compare=False)
+    """A batch's ``sentAt`` as the client wrote it (the relay's attempt ``started_at``): what
+    ties a request to the client's own record of it."""
 
 
 @dataclass(slots=True)
@@ -221,6 +224,7 @@ class _Exchange:
     wire_bytes: int | None = None
     context: dict[str, Any] | None = None
     user_agent: str | None = None
+    sent_at: str | None = None
 
 
 class FakeCustomerIO:
@@ -523,6 +527,7 @@ class FakeCustomerIO:
         wire_bytes = None if encoding is None else len(body)
         items: list[Any] = []
         context: dict[str, Any] | None = None
+        sent_at: str | None = None
         error: str | None = None
         # A body that cannot be decoded, or is over the limit, is not parsed: Customer.io
         # refuses it on that alone. The limit applies to the decompressed body.
@@ -531,7 +536,7 @@ class FakeCustomerIO:
         if error is None and len(body) > MAX_REQUEST_BYTES:
             error = f"request body is {len(body)} bytes, over the {MAX_REQUEST_BYTES}-byte limit"
         if error is None:
-            items, error, context = _parse_body(body, _ENDPOINTS[path])
+            items, error, context, sent_at = _parse_body(body, _ENDPOINTS[path])
         ex = _Exchange(
             h,
             no,
@@ -546,6 +551,7 @@ class FakeCustomerIO:
             wire_bytes=wire_bytes,
             context=context,
             user_agent=user_agent,
+            sent_at=sent_at,
         )
 
         if self.latency_s > 0 and self._stopping.wait(self.latency_s):
@@ -707,6 +713,7 @@ class FakeCustomerIO:
             wire_bytes=ex.wire_bytes,
             context=ex.context,
             user_agent=ex.user_agent,
+            sent_at=ex.sent_at,
         )
         with self._cond:
             now = time.monotonic()
@@ -898,35 +905,35 @@ def _decode_content(body: bytes, encoding: str, limit: int) -> tuple[bytes, str 
 
 def _parse_body(
     body: bytes, single_type: str | None
-) -> tuple[list[Any], str | None, dict[str, Any] | None]:
-    """The request's items, the first request-level error (items not yet checked), and a
-    batch's top-level ``context`` (None when absent or not an object)."""
+) -> tuple[list[Any], str | None, dict[str, Any] | None, str | None]:
+    """The request's items, the first request-level error (items not yet checked), a batch's
+    top-level ``context`` (None when absent or not an object) and its ``sentAt``."""
     try:
         doc = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
-        return [], f"body is not valid JSON: {exc}", None
+        return [], f"body is not valid JSON: {exc}", None, None
     if not isinstance(doc, dict):
-        return [], "body must be a JSON object", None
+        return [], "body must be a JSON object", None, None
     if single_type is not None:
         declared = doc.get("type", single_type)
         if declared != single_type:
             error = f"item 0: 'type' is {declared!r} but the endpoint is /v1/{single_type}"
-            return [doc], error, None
+            return [doc], error, None, None
         if "type" not in doc:
             # The endpoint implies the type; stored items always carry it, as in a batch.
             doc = {"type": single_type, **doc}
-        return [doc], None, None
+        return [doc], None, None, None
     if "batch" not in doc:
-        return [], "'batch' is missing", None
+        return [], "'batch' is missing", None, None
     batch = doc["batch"]
     if not isinstance(batch, list):
-        return [], "'batch' must be a list", None
+        return [], "'batch' must be a list", None, None
     context = doc.get("context")
     if "context" in doc and not isinstance(context, dict):
-        return batch, "batch 'context' must be an object", None
+        return batch, "batch 'context' must be an object", None, None
     if "sentAt" in doc and not _is_iso8601(doc["sentAt"]):
-        return batch, "'sentAt' must be an ISO-8601 string", context
-    return batch, None, context
+        return batch, "'sentAt' must be an ISO-8601 string", context, None
+    return batch, None, context, doc.get("sentAt")
 
 
 def _first_item_error(items: list[Any]) -> str | None:
