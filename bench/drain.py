@@ -9,7 +9,7 @@
    per event). The write time is reported. The backlog is then copied aside, and every
    variant below starts from an identical copy (vacuumed and checkpointed, so none inherits
    the previous one's dead rows or dirty buffers).
-2. **Relay variants**, each against its own ``python -m relay.fakecio`` process (so the fake
+2. **Relay variants**, each against its own ``python -m relay.testing.fakecio`` process (so the fake
    server does not share the relay's GIL), each relay in its own process
    (``bench.drain_worker``, which imports first and starts on a signal so start-up is not
    timed):
@@ -201,13 +201,13 @@ def _wait_rusage(proc: subprocess.Popen[str], timeout_s: float) -> float:
 
 
 class FakeServer:
-    """``python -m relay.fakecio`` in its own process, for one variant."""
+    """``python -m relay.testing.fakecio`` in its own process, for one variant."""
 
     def __init__(self, latency_ms: float) -> None:
         self.proc, self.url = spawn_listening(
             [
                 "-m",
-                "relay.fakecio",
+                "relay.testing.fakecio",
                 "--port",
                 "0",
                 "--write-key",
@@ -215,7 +215,7 @@ class FakeServer:
                 "--latency-ms",
                 str(latency_ms),
             ],
-            "relay.fakecio",
+            "relay.testing.fakecio",
         )
         self.cpu_s = 0.0
 

@@ -45,9 +45,9 @@ from hypothesis.stateful import (
 from relay import record_event
 from relay.daemon import Relay
 from relay.errors import DatabaseUnavailable
-from relay.fakecio import FakeCustomerIO
 from relay.lease import Lease
 from relay.plan import ClaimPlan
+from relay.testing.fakecio import FakeCustomerIO
 from tests import invariants
 from tests.relay_helpers import KEY, funnel_event, settings_for
 

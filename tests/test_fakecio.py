@@ -785,8 +785,7 @@ def read_line_with_deadline(proc: subprocess.Popen[bytes], timeout: float) -> st
     return proc.stdout.readline().decode().strip()
 
 
-# relay.fakecio: the temporary alias of relay.testing.fakecio that bench/drain.py still starts.
-@pytest.mark.parametrize("module", ["relay.testing.fakecio", "relay.fakecio"])
+@pytest.mark.parametrize("module", ["relay.testing.fakecio"])
 def test_cli_prints_its_url_serves_and_stops_on_sigterm(module: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     command = [
