@@ -212,7 +212,9 @@ class Relay:
 
     def _lease_keeper(self) -> LeaseKeeper:
         if self._keeper is None or not self._keeper.is_alive():
-            self._keeper = LeaseKeeper(lambda: self._connect("lease"), self.settings.lease_s)
+            self._keeper = LeaseKeeper(
+                lambda: self._connect("lease"), self.settings.lease_s, self.log_fields()
+            )
             self._keeper.start()
         return self._keeper
 
@@ -260,6 +262,11 @@ class Relay:
                 _, limiter = self.router.client(route.destination)
                 limiter.throttle_until(now + min(wait_s, self.settings.retry_after_cap_s))
 
+    def log_fields(self, **fields: Any) -> dict[str, Any]:
+        """``extra=`` for a log call: ``fields`` and this relay's instance name, which JSON log
+        lines carry as keys (``relay.logs``)."""
+        return {"instance": self.instance, **fields}
+
     def pause(self, conn: Conn, route: Route, reason: str) -> None:
         """A 401/403: stop sending to this destination until its key changes."""
         dest = route.destination
@@ -269,6 +276,7 @@ class Relay:
             "(relay destinations set, or CUSTOMERIO_WRITE_KEY and a restart).",
             route.pause_key,
             reason,
+            extra=self.log_fields(destination=route.pause_key, error=reason),
         )
         if route.pause_key == DEFAULT:
             self.router.pause_default(reason)
@@ -335,6 +343,7 @@ class Relay:
                 "have reached Customer.io (their attempt counts)",
                 len(unsent),
                 len(maybe_sent),
+                extra=self.log_fields(messages=len(unsent) + len(maybe_sent)),
             )
         return released
 
@@ -411,16 +420,26 @@ class Relay:
                 )
             for reason, ids in plan.held.items():
                 conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason})
-                log.warning("holding %d messages: %s", len(ids), reason)
+                log.warning(
+                    "holding %d messages: %s",
+                    len(ids),
+                    reason,
+                    extra=self.log_fields(messages=len(ids), reason=reason),
+                )
         if plan.dead:
             # Counted with the outcomes of requests, so the dead-message rate (and its alert)
             # sees a body Customer.io could never accept as well as one it rejected.
             by_id = {row.id: row for row in rows}
             for row_id, why in plan.dead.items():
-                log.error("message row %d is dead: %s", row_id, why)
                 row = by_id[row_id]
                 route = self.router.route(row.project_id)
                 name = route.destination.name if route.destination else route.pause_key
+                log.error(
+                    "message row %d is dead: %s",
+                    row_id,
+                    why,
+                    extra=self.log_fields(destination=name, row_id=row_id, error=why),
+                )
                 self.metrics.messages.labels(name, row.event, row.kind, "dead").inc()
         for name, n in plan.coalesced_by_destination.items():
             self.metrics.coalesced.labels(name).inc(n)

@@ -29,7 +29,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from relay import queries as q
@@ -127,8 +127,16 @@ class Lease:
             return [i for i in ids if i in self.open and i not in self.lost]
 
 
-def renew(conn: Conn, leases: Sequence[Lease], *, only: Sequence[int] | None = None) -> int:
-    """Renew the open rows of ``leases`` (or just ``only``) in one statement; mark the lost."""
+def renew(
+    conn: Conn,
+    leases: Sequence[Lease],
+    *,
+    only: Sequence[int] | None = None,
+    log_fields: Mapping[str, Any] | None = None,
+) -> int:
+    """Renew the open rows of ``leases`` (or just ``only``) in one statement; mark the lost.
+
+    ``log_fields`` go with the warning about lost rows (``extra=``, see ``relay.logs``)."""
     asked: list[tuple[Lease, list[int]]] = []
     for lease in leases:
         ids = lease.snapshot()
@@ -156,7 +164,11 @@ def renew(conn: Conn, leases: Sequence[Lease], *, only: Sequence[int] | None = N
         lease.renewed(ids, held.get(lease.token, set()), at)
         lost += len(lease.lost) - before
     if lost:
-        log.warning("%d claimed messages were taken by a lease rescue; they are not sent", lost)
+        log.warning(
+            "%d claimed messages were taken by a lease rescue; they are not sent",
+            lost,
+            extra={**(log_fields or {}), "messages": lost},
+        )
     return lost
 
 
@@ -168,8 +180,14 @@ class LeaseKeeper(threading.Thread):
     threads' own check (``Lease.ensure``) then renews or skips before each request.
     """
 
-    def __init__(self, connect: Callable[[], Conn], lease_s: float) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Conn],
+        lease_s: float,
+        log_fields: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(name="relay-lease", daemon=True)
+        self._log_fields = dict(log_fields or {})
         self._connect = connect
         self._every = max(0.05, lease_s / 3)
         self._leases: dict[int, Lease] = {}
@@ -197,9 +215,14 @@ class LeaseKeeper(threading.Thread):
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = self._connect()
-                renew(self._conn, leases)
+                renew(self._conn, leases, log_fields=self._log_fields)
             except Exception as exc:
-                log.warning("lease renewal failed (%s); retrying in %.1fs", exc, self._every)
+                log.warning(
+                    "lease renewal failed (%s); retrying in %.1fs",
+                    exc,
+                    self._every,
+                    extra=self._log_fields,
+                )
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None

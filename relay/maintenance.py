@@ -29,7 +29,11 @@ def rescue(relay: Relay) -> int:
     with relay.svc() as conn, conn.transaction():
         rows = conn.execute(q.OUTBOX_RESCUE_EXPIRED).fetchall()
     if rows:
-        log.warning("rescued %d in-flight messages whose lease expired", len(rows))
+        log.warning(
+            "rescued %d in-flight messages whose lease expired",
+            len(rows),
+            extra=relay.log_fields(messages=len(rows)),
+        )
         relay.metrics.rescues.inc(len(rows))
         relay.wake()
     return len(rows)
@@ -42,7 +46,11 @@ def release_held(relay: Relay) -> int:
         with conn.transaction():
             rows = conn.execute(q.OUTBOX_RELEASE_HELD, relay.router.release_params()).fetchall()
     if rows:
-        log.info("released %d held messages: their destination is usable again", len(rows))
+        log.info(
+            "released %d held messages: their destination is usable again",
+            len(rows),
+            extra=relay.log_fields(messages=len(rows)),
+        )
         relay.wake()
     return len(rows)
 

@@ -294,7 +294,11 @@ class Sender:
                     )
             lease.finished(leftovers)
             result.released += len(leftovers)
-            log.debug("handed back %d unsent messages of this claim", len(leftovers))
+            log.debug(
+                "handed back %d unsent messages of this claim",
+                len(leftovers),
+                extra=self.relay.log_fields(destination=route.pause_key, messages=len(leftovers)),
+            )
         return result
 
     def _request(
@@ -324,12 +328,24 @@ class Sender:
         relay.metrics.latency.labels(name).observe(res.latency_s)
         relay.metrics.batch_size.observe(len(items))
         throttle_s = None
+        # The fields a log collector filters on (JSON log lines carry them as keys).
+        fields = relay.log_fields(
+            destination=name,
+            status=res.status_code if res.status_code is not None else res.error_kind,
+            messages=len(items),
+            attempt=1 + max(i.attempts for i in items),
+        )
         if res.status_code == 429:
             # Back-pressure on the whole workspace: every sending thread of this relay waits
             # (the limiter halves its rate and pauses), and so does every other relay (the
             # throttle row, read before each claim's requests).
             throttle_s = limiter.note_429(verdict.retry_after_s)
-            log.warning("destination %s: 429, pausing it for %.1fs", name, throttle_s)
+            log.warning(
+                "destination %s: 429, pausing it for %.1fs",
+                name,
+                throttle_s,
+                extra={**fields, "pause_s": round(throttle_s, 3)},
+            )
         elif verdict.outcome is Outcome.DELIVERED:
             limiter.note_success()
         self._record(conn, route, res, verdict, items, lease, throttle_s)
@@ -345,13 +361,20 @@ class Sender:
             elif r.state == "held":
                 result.held += 1
         if verdict.outcome is Outcome.RETRY:
-            log.warning("destination %s: %s; %d messages to retry", name, verdict.error, len(items))
+            log.warning(
+                "destination %s: %s; %d messages to retry",
+                name,
+                verdict.error,
+                len(items),
+                extra={**fields, "error": verdict.error},
+            )
         elif verdict.outcome is Outcome.REJECTED and verdict.rows:
             log.error(
                 "destination %s: message row %d is dead: %s",
                 name,
                 items[0].row_id,
                 verdict.rows[0].error,
+                extra={**fields, "row_id": items[0].row_id, "error": verdict.rows[0].error},
             )
         elif verdict.outcome is Outcome.UNAUTHORIZED:
             relay.pause(conn, route, verdict.rows[0].error or "write key refused")

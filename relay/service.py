@@ -124,13 +124,13 @@ class DeliveryLoop:
             except DatabaseUnavailable as exc:
                 # A restart or a terminated backend: reconnect on the next turn; what we had
                 # in flight is rescued when its lease expires.
-                log.error("deliver: %s", exc)
+                log.error("deliver: %s", exc, extra=relay.log_fields())
             except StatementFailed as exc:
                 # The database is up and refused one statement (a claim that meets an index
                 # limit, a timeout): the same session tries again on the next turn.
-                log.error("deliver: %s", exc)
+                log.error("deliver: %s", exc, extra=relay.log_fields())
             except Exception:
-                log.exception("deliver failed")
+                log.exception("deliver failed", extra=relay.log_fields())
             finally:
                 # A cycle that failed also finished: the loop itself is alive.
                 self.last_cycle_finished = time.monotonic()
@@ -229,7 +229,11 @@ class Service:
         try:
             released = self.relay.release_all()
             if released:
-                log.info("released %d claimed messages on shutdown", released)
+                log.info(
+                    "released %d claimed messages on shutdown",
+                    released,
+                    extra=self.relay.log_fields(messages=released),
+                )
         except (DatabaseUnavailable, StatementFailed) as exc:
             log.error("could not release claimed messages (their lease will expire): %s", exc)
         self.relay.close()
@@ -250,6 +254,7 @@ class Service:
             self.relay.settings.batch_size,
             self.relay.settings.poll_interval_s,
             self.relay.settings.lease_s,
+            extra=self.relay.log_fields(),
         )
         done.wait()
         self.stop()
@@ -260,6 +265,12 @@ class Service:
             self.totals.retrying,
             self.totals.dead,
             self.totals.coalesced,
+            extra=self.relay.log_fields(
+                delivered=self.totals.delivered,
+                retrying=self.totals.retrying,
+                dead=self.totals.dead,
+                coalesced=self.totals.coalesced,
+            ),
         )
         return 0
 

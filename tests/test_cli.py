@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from relay.limits import MAX_PROJECT_ID_BYTES
@@ -481,6 +482,44 @@ def test_json_log_lines_carry_fields_as_keys(dsn: str) -> None:
     record = json.loads(proc.stderr.splitlines()[0])
     assert record["variable"] == "RELAY_BATCH_SZIE"
     assert record["suggestion"] == "RELAY_BATCH_SIZE"
+
+
+def test_delivery_log_lines_carry_destination_status_messages_attempt_instance(
+    dsn: str, cio: FakeCustomerIO
+) -> None:
+    """A log collector filters delivery problems by field, not by parsing the message."""
+    write_events(dsn, [funnel_event("cus_fields", 0)])
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, event_type,"
+            " body, occurred_at) VALUES ('m-big', 'e', 'track', 'c', 'x', %s, now())",
+            (json.dumps({"type": "track", "userId": "c", "event": "x", "blob": "x" * 40_000}),),
+        )
+        conn.commit()
+    cio.script(["503", "429"])
+    env = relay_env(dsn, cio, RELAY_INSTANCE="relay-fields-1", RELAY_RETRY_AFTER_CAP="0.2")
+    proc = relay("run", "--drain", "--log-format", "json", env=env)
+
+    assert proc.returncode == 0, describe(proc)
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    retry = [r for r in records if "to retry" in r["msg"]]
+    throttled = [r for r in records if ": 429, pausing" in r["msg"]]
+    dead = [r for r in records if "is dead" in r["msg"]]
+    assert retry and throttled and dead, proc.stderr
+    assert retry[0] | {"ts": None} == retry[0] | {
+        "ts": None,
+        "level": "warning",
+        "instance": "relay-fields-1",
+        "destination": "default",
+        "status": 503,
+        "messages": 2,
+        "attempt": 1,
+    }, retry[0]
+    assert throttled[0]["status"] == 429 and throttled[0]["attempt"] == 2, throttled[0]
+    assert throttled[0]["instance"] == "relay-fields-1" and throttled[0]["pause_s"] > 0
+    [row_id] = query(dsn, "SELECT id FROM relay_outbox WHERE message_id = 'm-big'")[0]
+    assert dead[0]["row_id"] == row_id and dead[0]["instance"] == "relay-fields-1", dead[0]
+    assert "32768-byte limit" in dead[0]["error"], dead[0]
 
 
 def test_drain_json_and_quiet_without_a_terminal(dsn: str, cio: FakeCustomerIO) -> None:
