@@ -37,6 +37,12 @@ too: nothing dead or left over, and the fake server accepted exactly the deliver
 ``--repeat N`` runs the whole list N times, each time in a rotated order, and reports each
 variant's median run (the JSON keeps every run).
 
+Relay settings come from the environment, for both kinds of variant (``relay run`` reads it,
+and so does ``bench.drain_worker`` for ``api``): ``RELAY_CLAIMS_IN_FLIGHT=1 python -m
+bench.drain ...`` measures one claim at a time. The settings used are shown with the results,
+and with more than one relay count, one relay's rate as a share of each larger count's (per
+round, and of the medians).
+
 ``--profile`` (default on) drains once more with one relay under py-spy (sampling, all
 threads, idle time included) when it is installed, else under cProfile, and lists the top
 functions by cumulative time.
@@ -83,6 +89,10 @@ from bench.common import (
 )
 from relay import queries as q
 from relay import record_events
+from relay.settings import from_env
+
+# The relay settings a reader needs to place the figures, as the relays read them.
+SHOWN_SETTINGS = {"RELAY_CLAIMS_IN_FLIGHT": "claims_in_flight", "RELAY_CONCURRENCY": "concurrency"}
 
 BATCH_SIZE = 100  # the relay's default RELAY_BATCH_SIZE, which the ceiling mirrors
 
@@ -879,12 +889,44 @@ def _payload(
             "batch_size": BATCH_SIZE,
             "repeat": args.repeat,
             "quick": args.quick,
+            "relay_settings": relay_settings(),
         },
         "backlog": backlog,
         "variants": rows,
         "ceiling_implementation": "PL/pgSQL DO block, one session, synchronous_commit = off",
         "profile": profile,
     }
+
+
+def relay_settings() -> dict[str, Any]:
+    """``SHOWN_SETTINGS`` as every relay of this run reads them (the default when unset)."""
+    settings = from_env({k: v for k, v in os.environ.items() if k in SHOWN_SETTINGS})
+    return {var: getattr(settings, name) for var, name in SHOWN_SETTINGS.items()}
+
+
+def scale_ratios(variants: Sequence[dict[str, Any]]) -> list[str]:
+    """One relay's rate as a share of N relays' at the same latency: of the medians, and of
+    each round's pair (runs of one round share the machine's conditions most closely)."""
+    cli = {(r["latency_ms"], r["relays"]): r for r in variants if r["mode"] == "cli"}
+    out = []
+    for (latency, n), many in sorted(cli.items()):
+        one = cli.get((latency, 1))
+        if n == 1 or one is None or not many["messages_per_s"]:
+            continue
+        rounds = [
+            f"{100 * a / b:.0f}%"
+            for a, b in zip(
+                one["messages_per_s_all_runs"], many["messages_per_s_all_runs"], strict=False
+            )
+            if b
+        ]
+        out.append(
+            f"one relay / {n} relays, {latency:g} ms: "
+            f"{one['messages_per_s']:,.0f} / {many['messages_per_s']:,.0f} = "
+            f"{100 * one['messages_per_s'] / many['messages_per_s']:.0f}% of the medians"
+            + (f"; per round {', '.join(rounds)}" if len(rounds) > 1 else "")
+        )
+    return out
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -947,6 +989,10 @@ def render(payload: dict[str, Any]) -> str:
         if repeated:
             rows[-1].insert(4, spread)
     out.append(table(headers, rows))
+    shown = payload["parameters"].get("relay_settings") or {}
+    out.append("")
+    out.append("Relay settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    out.extend(scale_ratios(payload["variants"]))
     problems = [(r["label"], p) for r in payload["variants"] for p in r["problems"]]
     out.append("")
     if problems:

@@ -9,7 +9,9 @@ machine), the relay's totals, and its own peak RSS (VmHWM) and CPU time (``getru
 Modes:
 
 - ``api``: ``Relay(settings, dsn)`` and ``relay.service.drain(relay, timeout)``, the library
-  path a test or an embedding application uses.
+  path a test or an embedding application uses. The settings are read from the environment
+  as ``relay run`` reads them (``RELAY_CLAIMS_IN_FLIGHT``, ``RELAY_CONCURRENCY``, ...), with
+  the fake server's URL and key and this relay's instance name.
 - ``cli``: ``relay run --drain --instance NAME``, through ``relay.cli.main`` with
   ``DATABASE_URL``, ``CUSTOMERIO_WRITE_KEY`` and ``CUSTOMERIO_API_URL`` in the environment,
   exactly what an operator runs; its totals are read from the summary line it prints.
@@ -47,11 +49,15 @@ def _status_kb(field: str) -> int:
 def _drain_api(args: argparse.Namespace) -> dict[str, Any]:
     from relay.daemon import Relay
     from relay.service import drain
-    from relay.settings import Settings
+    from relay.settings import from_env
 
-    settings = Settings(
-        write_key=args.write_key, api_url=args.url, instance=args.instance
-    ).validated()
+    env = {k: v for k, v in os.environ.items() if k.startswith("RELAY_")}
+    env.update(
+        CUSTOMERIO_WRITE_KEY=args.write_key,
+        CUSTOMERIO_API_URL=args.url,
+        RELAY_INSTANCE=args.instance,
+    )
+    settings = from_env(env)
     relay = Relay(settings, args.dsn)
     ok, totals = drain(relay, args.timeout)
     return {"ok": ok, **{name: getattr(totals, name) for name in totals.__dataclass_fields__}}

@@ -12,6 +12,12 @@ One delivery cycle (``Relay.deliver_once``):
 3. Meanwhile ``relay.lease.LeaseKeeper`` renews the claim's open rows, and each request first
    checks that its rows stay ours for longer than the request can take.
 
+``deliver_once`` is the two steps on the caller's thread. The delivery loop
+(``relay.service.DeliveryLoop``) runs up to ``RELAY_CLAIMS_IN_FLIGHT`` claims at once
+(``deliver_claim``), each on a thread and claiming connection of its own, their chains sharing
+the sending threads: the next claim is made while earlier claims' chains are in flight. Why
+order and leases still hold is told there.
+
 Where each piece lives: ``plan.py`` (pure planning), ``coalesce.py`` (pure merging),
 ``send.py`` (requests and outcomes), ``lease.py`` (leases), ``maintenance.py`` (rescue, held
 release, vacuum, metrics), ``service.py`` (the loop and the scheduler), ``queries.py`` (SQL),
@@ -69,13 +75,24 @@ class CycleResult(ChainResult):
             self.coalesced += other.coalesced
 
 
+@dataclass
+class Claim:
+    """One claim between its two steps: what claiming did, the plan, and the claim's lease."""
+
+    result: CycleResult
+    plan: ClaimPlan
+    lease: Lease
+
+
 class Relay:
     """One relay process's state: its connections, destinations, leases and settings.
 
-    ``deliver_once`` runs on one thread at a time (the delivery loop's); the background
-    services run on another thread with their own connection, since a psycopg connection
-    serialises its users. Connections: one for claiming, one for the services, one for the
-    lease keeper, and one per sending thread (up to ``concurrency``).
+    Claims (``claim``, ``deliver_once``, ``deliver_claim``) may run on several threads at once,
+    each thread claiming on a connection of its own; their chains run on the sender's
+    ``concurrency`` threads. The background services run on another thread with their own
+    connection, since a psycopg connection serialises its users. Connections: one per claiming
+    thread (up to ``claims_in_flight``), one for the services, one for the lease keeper, and
+    one per sending thread (up to ``concurrency``).
     """
 
     def __init__(
@@ -134,20 +151,27 @@ class Relay:
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
         self.vacuum_disabled = settings.vacuum_interval_s <= 0
-        self._work_conn: Conn | None = None
+        # Each claiming thread's connection, with the thread.
+        self._work_conns: list[tuple[threading.Thread, Conn]] = []
         self._svc_conn: Conn | None = None
         self._svc_lock = threading.Lock()
         # Sending threads that pause a destination refresh the router one at a time.
         self._db_lock = threading.RLock()
         self._local = threading.local()
         self._send_conns: list[Conn] = []
-        self._send_conns_lock = threading.Lock()
+        self._conns_lock = threading.Lock()
+        # Bumped when the claiming session is found gone: each sending thread then checks its
+        # own session before its next use (see send_conn).
+        self._send_epoch = 0
         self._destinations_at = 0.0
         self._throttles_at = float("-inf")
-        # Leases of cycles that ended with rows still open (a database error mid-cycle):
-        # handed back at the next cycle or at shutdown, else rescued when they expire.
+        # Leases of claims that ended with rows still open (a database error mid-claim):
+        # handed back at the next claim or at shutdown, else rescued when they expire. Claims
+        # end on their own threads; the next claim (on whichever thread) hands them back.
         self._orphans: list[Lease] = []
+        self._orphans_lock = threading.Lock()
         self._keeper: LeaseKeeper | None = None
+        self._keeper_lock = threading.Lock()
         self.sender = Sender(self)
 
     # --- connections -------------------------------------------------------------------------
@@ -157,13 +181,21 @@ class Relay:
 
     @contextmanager
     def _work(self) -> Iterator[Conn]:
-        """The delivery connection; dropped on a database error so the next cycle reconnects."""
-        if self._work_conn is None or self._work_conn.closed:
-            self._work_conn = self._connect("deliver")
-        # Whatever ended this session (most often a server restart) ended the sending
-        # threads' too; they are idle now (a cycle waits for its chains) and reconnect.
-        with database_errors(self._work_conn, self._close_send_conns) as conn:
-            yield conn
+        """This thread's claiming connection; dropped on a database error so the next claim
+        reconnects."""
+        conn: Conn | None = getattr(self._local, "work_conn", None)
+        if conn is None or conn.closed:
+            conn = self._connect("deliver")
+            self._local.work_conn = conn
+            with self._conns_lock:
+                self._work_conns = [(t, c) for t, c in self._work_conns if not c.closed] + [
+                    (threading.current_thread(), conn)
+                ]
+        # Whatever ended this session (most often a server restart) most likely ended the
+        # sending threads' too. Some may be in use by other claims, so they are not closed
+        # from here: each is checked before its next use, and replaced if it is gone.
+        with database_errors(conn, self._distrust_send_conns) as c:
+            yield c
 
     @contextmanager
     def svc(self) -> Iterator[Conn]:
@@ -179,14 +211,18 @@ class Relay:
         """This sending thread's own connection, for the outcomes of the chains it sends.
 
         With one shared connection the threads' outcome writes ran one at a time. A
-        connection idle for more than ``SEND_CONN_CHECK_AFTER_S`` is checked first, so a
-        session the server ended meanwhile is replaced before the request, not found dead
-        after it. On a database error it is dropped; the chain's rows stay leased to this
-        claim until the keeper stops renewing them, then a rescue makes them claimable.
+        connection idle for more than ``SEND_CONN_CHECK_AFTER_S``, or last used before the
+        claiming session was found gone, is checked first, so a session the server ended
+        meanwhile is replaced before the request, not found dead after it. On a database error
+        it is dropped; the chain's rows stay leased to this claim until the keeper stops
+        renewing them, then a rescue makes them claimable.
         """
         conn: Conn | None = getattr(self._local, "conn", None)
         idle_s = time.monotonic() - getattr(self._local, "used_at", 0.0)
-        if conn is not None and not conn.closed and idle_s > SEND_CONN_CHECK_AFTER_S:
+        epoch = self._send_epoch
+        stale = getattr(self._local, "epoch", epoch) != epoch
+        self._local.epoch = epoch
+        if conn is not None and not conn.closed and (idle_s > SEND_CONN_CHECK_AFTER_S or stale):
             try:
                 with database_errors(conn), conn.transaction():
                     conn.execute(q.SESSION_CHECK)
@@ -195,7 +231,7 @@ class Relay:
         if conn is None or conn.closed:
             conn = self._connect("send")
             self._local.conn = conn
-            with self._send_conns_lock:
+            with self._conns_lock:
                 self._send_conns = [c for c in self._send_conns if not c.closed] + [conn]
         try:
             with database_errors(conn) as c:
@@ -203,20 +239,35 @@ class Relay:
         finally:
             self._local.used_at = time.monotonic()
 
-    def _close_send_conns(self) -> None:
-        with self._send_conns_lock:
-            conns, self._send_conns = self._send_conns, []
+    def _distrust_send_conns(self) -> None:
+        self._send_epoch += 1
+
+    def close_ended_claiming_conns(self) -> None:
+        """Close the claiming connections of threads that have ended (a delivery loop's claim
+        threads, once it returned)."""
+        with self._conns_lock:
+            ended = [c for t, c in self._work_conns if not t.is_alive()]
+            self._work_conns = [(t, c) for t, c in self._work_conns if t.is_alive()]
+        for conn in ended:
+            if not conn.closed:
+                conn.close()
+
+    def _close_conns(self) -> None:
+        with self._conns_lock:
+            conns = self._send_conns + [c for _, c in self._work_conns]
+            self._send_conns, self._work_conns = [], []
         for conn in conns:
             if not conn.closed:
                 conn.close()
 
     def _lease_keeper(self) -> LeaseKeeper:
-        if self._keeper is None or not self._keeper.is_alive():
-            self._keeper = LeaseKeeper(
-                lambda: self._connect("lease"), self.settings.lease_s, self.log_fields()
-            )
-            self._keeper.start()
-        return self._keeper
+        with self._keeper_lock:
+            if self._keeper is None or not self._keeper.is_alive():
+                self._keeper = LeaseKeeper(
+                    lambda: self._connect("lease"), self.settings.lease_s, self.log_fields()
+                )
+                self._keeper.start()
+            return self._keeper
 
     def close(self) -> None:
         # The senders first: a sending thread may still be using its connection.
@@ -224,11 +275,10 @@ class Relay:
         if self._keeper is not None:
             self._keeper.close()
             self._keeper = None
-        self._close_send_conns()
-        for conn in (self._work_conn, self._svc_conn):
-            if conn is not None and not conn.closed:
-                conn.close()
-        self._work_conn = self._svc_conn = None
+        self._close_conns()
+        if self._svc_conn is not None and not self._svc_conn.closed:
+            self._svc_conn.close()
+        self._svc_conn = None
         self.router.close()
 
     # --- destinations ------------------------------------------------------------------------
@@ -324,20 +374,29 @@ class Relay:
 
     def _release_orphans(self, conn: Conn) -> int:
         released = 0
-        while self._orphans:
-            lease = self._orphans[0]
+        while True:
+            # Taken off the list first, so two claiming threads never hand back one lease.
+            with self._orphans_lock:
+                if not self._orphans:
+                    break
+                lease = self._orphans.pop(0)
             unsent, maybe_sent = lease.split_open()
-            with conn.transaction():
-                if unsent:
-                    released += conn.execute(
-                        q.OUTBOX_RELEASE, {"ids": unsent, "token": lease.token, "delay_s": 0.0}
-                    ).rowcount
-                if maybe_sent:
-                    released += conn.execute(
-                        q.OUTBOX_RELEASE_MAYBE_SENT, {"ids": maybe_sent, "token": lease.token}
-                    ).rowcount
+            try:
+                with conn.transaction():
+                    if unsent:
+                        released += conn.execute(
+                            q.OUTBOX_RELEASE,
+                            {"ids": unsent, "token": lease.token, "delay_s": 0.0},
+                        ).rowcount
+                    if maybe_sent:
+                        released += conn.execute(
+                            q.OUTBOX_RELEASE_MAYBE_SENT, {"ids": maybe_sent, "token": lease.token}
+                        ).rowcount
+            except BaseException:
+                with self._orphans_lock:
+                    self._orphans.insert(0, lease)
+                raise
             lease.finished(unsent + maybe_sent)
-            self._orphans.pop(0)
             log.warning(
                 "a cycle ended early: handed back %d unsent messages, and %d whose request may "
                 "have reached Customer.io (their attempt counts)",
@@ -350,27 +409,64 @@ class Relay:
     # --- one delivery cycle ------------------------------------------------------------------
 
     def deliver_once(self) -> CycleResult:
+        """One claim, sent before this returns (a claim's chains may then use the claiming
+        connection: nothing else does meanwhile)."""
         with self._work() as conn:
-            if time.monotonic() - self._destinations_at > 5.0:
-                self.refresh_destinations(conn)
-            self._apply_throttles(conn)
-            if self._orphans:
-                self._release_orphans(conn)
-            result, plan, lease = self._claim(conn)
-            if lease is None:
-                return result
-            keeper = self._lease_keeper()
-            keeper.add(lease)
-            try:
-                for unit in plan.work.values():
-                    result.add(self.sender.send_destination(conn, unit, lease))
-            finally:
-                # Rows still open here (the database went away mid-cycle, a bug) are handed
-                # back by the next cycle or at shutdown, or rescued when their lease expires.
-                keeper.remove(lease)
-                if lease.open:
+            claim = self._begin(conn)
+            if claim is None:
+                return CycleResult()
+            return self.send_claim(claim, conn)
+
+    def deliver_claim(
+        self, claimed: Callable[[bool], None] | None = None, *, hand_back: bool = True
+    ) -> CycleResult:
+        """One claim on this thread's claiming connection, its chains sent by the sending
+        threads: what the delivery loop runs several of at once. ``claimed`` is told, as soon
+        as the claim is made, whether it took anything; ``hand_back`` as for ``claim``."""
+        claim = self.claim(hand_back=hand_back)
+        if claimed is not None:
+            claimed(claim is not None and claim.result.claimed > 0)
+        if claim is None:
+            return CycleResult()
+        return self.send_claim(claim)
+
+    def claim(self, *, hand_back: bool = True) -> Claim | None:
+        """Claim the next batch of customers and give the claim's lease to the keeper; None
+        when nothing is claimable. ``send_claim`` must follow: it sends the rows and ends the
+        keeper's renewal of them. With ``hand_back``, what claims that ended early left in
+        flight is handed back first (see ``release_all``)."""
+        with self._work() as conn:
+            return self._begin(conn, hand_back=hand_back)
+
+    def _begin(self, conn: Conn, *, hand_back: bool = True) -> Claim | None:
+        if time.monotonic() - self._destinations_at > 5.0:
+            self.refresh_destinations(conn)
+        self._apply_throttles(conn)
+        if hand_back and self._orphans:
+            self._release_orphans(conn)
+        result, plan, lease = self._claim(conn)
+        if lease is None:
+            return None
+        self._lease_keeper().add(lease)
+        return Claim(result, plan, lease)
+
+    def send_claim(self, claim: Claim, conn: Conn | None = None) -> CycleResult:
+        """Send what ``claim`` took; returns what claiming and sending did. With ``conn`` None
+        every chain goes to the sending threads (so no claim has more requests in flight than
+        they are), and no connection of the caller's is used."""
+        result, lease = claim.result, claim.lease
+        try:
+            for unit in claim.plan.work.values():
+                result.add(self.sender.send_destination(conn, unit, lease))
+        finally:
+            # Rows still open here (the database went away mid-claim, a bug) are handed back
+            # by the next claim or at shutdown, or rescued when their lease expires.
+            if self._keeper is not None:
+                self._keeper.remove(lease)
+            if lease.open:
+                with self._orphans_lock:
                     self._orphans.append(lease)
-            return result
+        return result
 
     def _claim(self, conn: Conn) -> tuple[CycleResult, ClaimPlan, Lease | None]:
         result = CycleResult()

@@ -10,6 +10,12 @@ concurrently; within a chain batches go one after another. A customer whose mess
 (retrying, lost to a rescue, or skipped) is *blocked* for the rest of the chain: its later
 messages are handed back unsent, so nothing overtakes the failed one.
 
+Several claims may be sending at once (``RELAY_CLAIMS_IN_FLIGHT``): their chains share this
+sender's ``concurrency`` threads, so the relay never has more requests in flight than that, and
+its destinations' rate limiters, so a 429 met by one claim pauses the others' requests too. A
+401/403 stops every chain of the claim that met it at once, and the chains of other claims
+before their next request, as soon as the router shows the destination paused.
+
 A 400 (or 413) means something in the batch is bad: the halves are queued back at the front
 of the chain and sent one after the other (each through the same rate limit and lease check)
 until every bad message stands alone and is dead with Customer.io's text.
@@ -31,7 +37,7 @@ import psycopg
 from relay import queries as q
 from relay.batching import bisect, plan_chains
 from relay.client import SendResult
-from relay.destinations import Route
+from relay.destinations import DEFAULT, Route
 from relay.lease import Lease
 from relay.limits import MAX_BATCH_BYTES
 from relay.plan import DestinationWork, Item
@@ -160,14 +166,32 @@ class Sender:
         s = relay.settings
         self.need_s = s.http_timeout_s + min(1.0, (s.lease_s - s.http_timeout_s) / 2)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
-    def send_destination(self, conn: Conn, unit: DestinationWork, lease: Lease) -> ChainResult:
-        """Send one destination's share of a claim: chains of batches, several at once."""
+    def _threads(self) -> ThreadPoolExecutor:
+        """The sending threads, made once and shared by every claim in flight."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.relay.settings.concurrency, thread_name_prefix="relay-send"
+                )
+            return self._pool
+
+    def send_destination(
+        self, conn: Conn | None, unit: DestinationWork, lease: Lease
+    ) -> ChainResult:
+        """Send one destination's share of a claim: chains of batches, several at once.
+
+        With ``conn`` (the caller's connection, which nothing else uses meanwhile) and room for
+        one chain at a time only, the chains go one after another on the caller's thread;
+        otherwise every chain goes to the sending threads, each on its thread's connection.
+        """
         items = unit.items
         total = ChainResult()
         if not items:
@@ -181,18 +205,17 @@ class Sender:
         )
         paused = threading.Event()  # set by the first 401/403: every chain stops
         plans = [[[items[j] for j in r] for r in chain] for chain in chains]
-        if min(s.concurrency, len(plans)) <= 1:
+        if conn is not None and min(s.concurrency, len(plans)) <= 1:
             for p in plans:
                 total.add(self.send_chain(conn, unit.route, p, paused, lease))
             return total
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(s.concurrency, thread_name_prefix="relay-send")
+        pool = self._threads()
         # A chain that fails (its database session died) stops the others before their next
         # request, and every chain is waited for: no thread may go on sending for a cycle
         # that has ended, whose lease nobody renews any more.
         abort = threading.Event()
         futures = [
-            self._pool.submit(self._send_chain_own_conn, unit.route, p, paused, lease, abort)
+            pool.submit(self._send_chain_own_conn, unit.route, p, paused, lease, abort)
             for p in plans
         ]
         failure: BaseException | None = None
@@ -237,9 +260,11 @@ class Sender:
         dest = route.destination
         assert dest is not None
         client, limiter = relay.router.client(dest)
+        held_because: str | None = None  # the destination stopped: leftovers are held
         while queue:
             batch = queue.popleft()
-            if paused.is_set() or relay.stopping.is_set() or (abort and abort.is_set()):
+            held_because = self._stopped(route, paused)
+            if held_because or relay.stopping.is_set() or (abort and abort.is_set()):
                 leftovers.extend(i.row_id for i in batch)
                 leftovers.extend(i.row_id for b in queue for i in b)
                 break
@@ -265,6 +290,7 @@ class Sender:
             verdict = self._request(conn, route, client, limiter, ready, lease, result)
             if verdict.outcome is Outcome.UNAUTHORIZED:
                 paused.set()
+                held_because = self._stopped(route, paused)
                 blocked.update(i.customer_key for i in ready)
             elif verdict.outcome is Outcome.RETRY:
                 blocked.update(
@@ -278,14 +304,10 @@ class Sender:
                 queue.appendleft([ready[j] for j in left])
         if leftovers:
             with conn.transaction():
-                if paused.is_set():
+                if held_because:
                     conn.execute(
                         q.OUTBOX_HOLD_CLAIMED,
-                        {
-                            "ids": leftovers,
-                            "token": lease.token,
-                            "reason": f"destination {route.pause_key} is paused",
-                        },
+                        {"ids": leftovers, "token": lease.token, "reason": held_because},
                     )
                 else:
                     conn.execute(
@@ -300,6 +322,17 @@ class Sender:
                 extra=self.relay.log_fields(destination=route.pause_key, messages=len(leftovers)),
             )
         return result
+
+    def _stopped(self, route: Route, paused: threading.Event) -> str | None:
+        """Why nothing more of this chain may go to its destination, or None: this claim met a
+        401/403 (``paused``), or the router now shows the destination unusable (another
+        claim's 401/403 paused it, or an operator disabled it)."""
+        if paused.is_set():
+            return f"destination {route.pause_key} is paused"
+        now = self.relay.router.route(None if route.pause_key == DEFAULT else route.pause_key)
+        if now.destination is None:
+            return now.reason or f"destination {route.pause_key} is paused"
+        return None
 
     def _request(
         self,

@@ -40,6 +40,9 @@ class Settings:
     batch_size: int = 100
     # Requests in flight at once per relay (batches that share no customer).
     concurrency: int = 4
+    # Claims whose chains may be in flight at once (1: the next claim waits for the last one's
+    # outcome). They share the `concurrency` sending threads; see relay.service.DeliveryLoop.
+    claims_in_flight: int = 2
     poll_interval_s: float = 1.0
     lease_s: float = 30.0
     http_timeout_s: float = 10.0
@@ -210,6 +213,7 @@ _DAY: Final = 86400.0
 BOUNDS: Final[Mapping[str, tuple[float, float, bool]]] = {
     "batch_size": (1, 10_000, True),
     "concurrency": (1, 64, True),
+    "claims_in_flight": (1, 16, True),
     "poll_interval_s": (0, 3600, False),
     "lease_s": (0, _DAY, False),
     "http_timeout_s": (0, 3600, False),
@@ -245,6 +249,7 @@ _ENV_OF = {
     "api_url": "CUSTOMERIO_API_URL",
     "batch_size": "RELAY_BATCH_SIZE",
     "concurrency": "RELAY_CONCURRENCY",
+    "claims_in_flight": "RELAY_CLAIMS_IN_FLIGHT",
     "poll_interval_s": "RELAY_POLL_INTERVAL",
     "lease_s": "RELAY_LEASE_SECONDS",
     "http_timeout_s": "RELAY_HTTP_TIMEOUT",

@@ -5,7 +5,11 @@ Hypothesis drives a ``RuleBasedStateMachine`` over a real PostgreSQL and a real 
 Customer.io stand-in (``FakeCustomerIO``, strict mode). Two relays share the database under
 the SAME instance name (a relay restarted after a kill keeps its name), so only the per-claim
 lease token tells their claims apart. A claim can be taken in one step and sent in a later one,
-with anything in between: another relay's claims, lease expiry and rescue, more writes.
+with anything in between: another relay's claims, lease expiry and rescue, more writes. The
+relays' own delivery loop runs too (``run_loop``), claiming while its earlier claims are still
+sending (relay 0 claims up to 4 customers at a time and keeps up to 2 claims in flight on one
+sending thread; relay 1 claims 2 customers at a time, so the four customers make two claims,
+and keeps up to 3 in flight on two threads), and is stopped at any point as SIGTERM stops it.
 
 Time is the relays' fake monotonic clock plus back-dated database columns, never sleeps:
 ``expire_leases`` moves the relays' clock past the lease and back-dates every in-flight lease
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +43,6 @@ from hypothesis.stateful import (
     consumes,
     initialize,
     invariant,
-    multiple,
     precondition,
     rule,
 )
@@ -47,9 +52,10 @@ from relay.daemon import Relay
 from relay.errors import DatabaseUnavailable
 from relay.lease import Lease
 from relay.plan import ClaimPlan
+from relay.service import DeliveryLoop
 from relay.testing.fakecio import FakeCustomerIO
 from tests import invariants
-from tests.relay_helpers import KEY, funnel_event, settings_for
+from tests.relay_helpers import KEY, funnel_event, settings_for, wait_until
 
 LEASE_S = 5.0
 FAULTS = (
@@ -64,6 +70,7 @@ FAULTS = (
     "timeout_edge",
     "trickle",
 )
+CUSTOMERS = ("c1", "c2", "c3", "c4")
 POISON = ("[1, 2]", "null", '"x"', '{"type": "identify"}', '{"type": "track", "userId": "c"}')
 
 
@@ -108,7 +115,9 @@ class DeliveryMachine(RuleBasedStateMachine):
         with psycopg.connect(self.dsn) as conn:
             conn.execute("TRUNCATE relay_outbox, relay_attempt, relay_throttle RESTART IDENTITY")
 
-    def new_relay(self) -> Relay:
+    def new_relay(self, index: int) -> Relay:
+        # Relay 0: claims of 4 customers, two in flight on one sending thread. Relay 1: claims
+        # of 2 customers (and batches of 2 messages), three in flight on two threads.
         settings = settings_for(
             self.cio,
             lease_s=LEASE_S,
@@ -116,15 +125,16 @@ class DeliveryMachine(RuleBasedStateMachine):
             backoff_base_s=0.01,
             backoff_cap_s=0.02,
             retry_after_cap_s=0.05,
-            batch_size=4,
-            concurrency=1,
+            batch_size=4 - 2 * index,
+            concurrency=1 + index,
+            claims_in_flight=2 + index,
             instance="relay-1",
         )
         return Relay(settings, self.dsn, rand=lambda: 0.5, clock=self.clock)
 
     @initialize()
     def start_relays(self) -> None:
-        self.relays = [self.new_relay(), self.new_relay()]
+        self.relays = [self.new_relay(0), self.new_relay(1)]
 
     def teardown(self) -> None:
         try:
@@ -138,7 +148,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     # --- writes -----------------------------------------------------------------------------
 
     @rule(
-        customer=st.sampled_from(["c1", "c2", "c3"]),
+        customer=st.sampled_from(CUSTOMERS),
         events=st.integers(1, 3),
         rollback=st.booleans(),
         reject=st.booleans(),
@@ -171,7 +181,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             if r[3] == "track" and r[4].get("properties", {}).get("reject"):
                 self.rejected.add(r[1])
 
-    @rule(customer=st.sampled_from(["c1", "c2", "c3"]), body=st.sampled_from(POISON))
+    @rule(customer=st.sampled_from(CUSTOMERS), body=st.sampled_from(POISON))
     def write_poison(self, customer: str, body: str) -> None:
         self.n += 1
         mid = f"poison-{self.n}"
@@ -214,25 +224,32 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     @rule(target=claims, relay=st.integers(0, 1))
     def claim(self, relay: int) -> Any:
-        """Claim now, send in a later step: anything may happen in between."""
+        """Claim now, send in a later step: anything may happen in between.
+
+        A claim that took nothing (or met a database error) is kept too, as nothing to send:
+        what a claim finds depends on the timing of the threads of earlier steps, and the
+        number of claims held must not, or Hypothesis could not replay a sequence of steps.
+        """
         r = self.relays[relay]
         try:
             with r._work() as conn:
                 _, plan, lease = r._claim(conn)
         except DatabaseUnavailable:
-            return multiple()
-        if lease is None:
-            return multiple()
+            return (relay, r, None, None)
         return (relay, r, plan, lease)
 
     @rule(
         held=consumes(claims),
         faults=st.lists(st.sampled_from(FAULTS), max_size=3),
     )
-    def send_claimed(self, held: tuple[int, Relay, ClaimPlan, Lease], faults: list[str]) -> None:
+    def send_claimed(
+        self, held: tuple[int, Relay, ClaimPlan | None, Lease | None], faults: list[str]
+    ) -> None:
         _, r, plan, lease = held
         if r not in self.relays:
             return  # that relay was killed: its claim died with it
+        if plan is None or lease is None:
+            return  # the claim took nothing
         self._script(faults)
         try:
             with r._work() as conn:
@@ -273,7 +290,50 @@ class DeliveryMachine(RuleBasedStateMachine):
             self.cio.clear_script()
             self._settle()
         r.close()  # a dead process hands nothing back
-        self.relays[relay] = self.new_relay()
+        self.relays[relay] = self.new_relay(relay)
+
+    @rule(
+        relay=st.integers(0, 1),
+        faults=st.lists(st.sampled_from(FAULTS), max_size=4),
+        stop_after=st.integers(1, 6),
+        burst=st.lists(st.sampled_from(CUSTOMERS), max_size=len(CUSTOMERS), unique=True),
+    )
+    def run_loop(self, relay: int, faults: list[str], stop_after: int, burst: list[str]) -> None:
+        """A burst of writes for several customers (enough for more than one claim), then the
+        delivery loop, its claims overlapping, until ``stop_after`` requests reached the server
+        (or it is idle); then SIGTERM, as ``Service.stop`` handles it."""
+        for customer in burst:
+            self.write(customer, 1, rollback=False, reject=False)
+        r = self.relays[relay]
+        self._script(faults)
+        loop = DeliveryLoop(r)
+        before = self.cio.requests_arrived
+        thread = threading.Thread(
+            target=loop.run, kwargs={"until_idle": True, "deadline": time.monotonic() + 1.5}
+        )
+        thread.start()
+        try:
+            wait_until(
+                lambda: (
+                    self.cio.requests_arrived - before >= stop_after
+                    or loop.idle.is_set()
+                    or not thread.is_alive()
+                ),
+                timeout=2.0,
+                every=0.01,
+            )
+        finally:
+            r.stopping.set()
+            r.wake()
+            thread.join()
+        # The loop returned only once every claim's chains had stopped.
+        assert loop.claims_in_flight == 0
+        with contextlib.suppress(DatabaseUnavailable):
+            r.release_all()
+        self.cio.clear_script()
+        self._settle()
+        # The same process goes on (a restart would keep its name, and lose nothing more).
+        r.stopping.clear()
 
     @rule()
     def expire_leases(self) -> None:
