@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -33,7 +34,7 @@ from relay.client import base_url_for, mask_key, sends_key_in_clear
 from relay.db import connect, first_line
 from relay.errors import ConfigError, DatabaseUnavailable, NotMigrated, RelayError
 from relay.limits import MAX_PROJECT_ID_BYTES
-from relay.models.states import MESSAGE_STATES
+from relay.models.states import MESSAGE_STATES, UNFINISHED_STATES
 from relay.retention import DEFAULT_BATCH_SIZE, parse_duration, purge
 from relay.tables import text_table
 
@@ -121,48 +122,191 @@ def _age(seconds: float | None) -> str:
 
 # --- status ---------------------------------------------------------------------------------
 
+# What `relay status` counts exactly without --exact: what partial indexes hold (the backlog
+# and the dead messages). The finished states and the total are estimated from the planner's
+# statistics instead, since counting them reads every row of the history.
+# In STATES order, as OUTBOX_STATUS_BACKLOG returns them: pending, in_flight, retrying, held, dead.
+COUNTED_STATES: Final = tuple(s for s in STATES if s in UNFINISHED_STATES or s == "dead")
+FINISHED_STATES: Final = tuple(s for s in STATES if s not in COUNTED_STATES)
+ESTIMATED: Final = (*FINISHED_STATES, "total")
 
-def status_snapshot(conn: Conn) -> dict[str, Any]:
-    """Counts per state (all states, zero when none), ages, and per-destination figures."""
-    rows = conn.execute(q.STATUS_BY_DESTINATION).fetchall()
+
+EXACT_BELOW_PAGES: Final = 1024
+"""A relay_outbox of at most this many pages (8 MB at the default block size) is counted
+exactly when its statistics cannot estimate it (never analyzed): the count takes a few
+milliseconds."""
+
+
+@dataclass(frozen=True)
+class TableStatistics:
+    """relay_outbox's statistics, as ``OUTBOX_STATUS_ESTIMATE`` reads them."""
+
+    reltuples: float
+    """Live rows at the last VACUUM or ANALYZE; -1 when neither ever ran."""
+    relpages: int
+    """The table's size in pages at that time."""
+    pages: int
+    """Its size in pages now."""
+    state_freqs: dict[str, float]
+    """Share of each most common state in the last ANALYZE's sample (empty: never analyzed)."""
+    state_n_distinct: float | None = None
+    """pg_stats.n_distinct of state (negative: a share of the rows); None: never analyzed."""
+    analyzed_at: datetime | None = None
+
+    def state_share(self, state: str) -> float:
+        """The share of rows in ``state``, as the planner estimates ``state = '...'``
+        (PostgreSQL's ``var_eq_const``): its frequency when it is one of the most common
+        values; otherwise what those leave, spread evenly over the other distinct values, and
+        no more than the least common of them. ANALYZE lists as most common only values seen
+        at least twice in its sample, so a rare state is found here rather than in the list.
+        """
+        if state in self.state_freqs:
+            return self.state_freqs[state]
+        if self.state_n_distinct is None:
+            return 0.0
+        leftover = max(0.0, 1.0 - sum(self.state_freqs.values()))  # NOT NULL: no null share
+        distinct = self.state_n_distinct
+        if distinct < 0:
+            distinct = -distinct * max(self.reltuples, 0.0)
+        # The state's CHECK constraint allows no more distinct values than STATES.
+        others = min(distinct, len(STATES)) - len(self.state_freqs)
+        share = leftover / others if others > 1 else leftover
+        return min(share, *self.state_freqs.values()) if self.state_freqs else share
+
+
+def estimate_rows(stats: TableStatistics) -> float | None:
+    """Live rows in the table now, as the planner estimates them (PostgreSQL's
+    ``table_block_relation_estimate_size``): the density of the last VACUUM or ANALYZE,
+    reltuples / relpages, times the pages the table has now.
+
+    None when there is no density to scale: never vacuumed or analyzed (reltuples -1), or
+    last seen empty (relpages 0) while it has pages now. The planner then guesses from the
+    columns' types; a count printed as an estimate should not be a guess of that kind.
+    """
+    if stats.pages == 0:
+        return 0.0  # no pages, no rows
+    if stats.reltuples < 0 or stats.relpages == 0:
+        return None
+    return stats.reltuples / stats.relpages * stats.pages
+
+
+def estimate_finished(stats: TableStatistics, counted: int) -> dict[str, int | None]:
+    """Estimates of the finished states and of the total, given ``counted``: the exact number
+    of unfinished and dead messages.
+
+    The finished messages are the estimated total less the counted ones (so a backlog that
+    grew or drained since the last ANALYZE does not skew them), split between delivered,
+    coalesced and cancelled in the proportions the planner would assume from the last
+    ANALYZE (``TableStatistics.state_share``). When that ANALYZE saw no finished message at
+    all, or there is none yet, the split is unknown (None) though the total is not; when the
+    total is unknown (``estimate_rows``), so is everything here.
+    """
+    rows = estimate_rows(stats)
+    if rows is None:
+        return dict.fromkeys(ESTIMATED, None)
+    finished = max(0, round(rows) - counted)
+    weights = {s: stats.state_share(s) for s in FINISHED_STATES}
+    share = sum(weights.values())
+    split: dict[str, int | None]
+    if finished == 0:
+        split = dict.fromkeys(FINISHED_STATES, 0)
+    elif share > 0:
+        split = {s: round(finished * w / share) for s, w in weights.items()}
+    else:
+        split = dict.fromkeys(FINISHED_STATES, None)
+    return {**split, "total": counted + finished}
+
+
+def _table_statistics(conn: Conn) -> TableStatistics:
+    row = conn.execute(q.OUTBOX_STATUS_ESTIMATE).fetchone()
+    assert row is not None  # the regclass cast raised if the table is missing
+    reltuples, relpages, pages, values, freqs, n_distinct, analyzed_at = row
+    return TableStatistics(
+        reltuples=float(reltuples),
+        relpages=int(relpages),
+        pages=int(pages),
+        state_freqs=dict(zip(values or (), freqs or (), strict=True)),
+        state_n_distinct=None if n_distinct is None else float(n_distinct),
+        analyzed_at=analyzed_at,
+    )
+
+
+def _empty_entry(exact: bool) -> dict[str, Any]:
+    counts: dict[str, Any] = dict.fromkeys(STATES, 0)
+    if not exact:
+        counts.update(dict.fromkeys(FINISHED_STATES, None))
+    return {
+        **counts,
+        "total": 0 if exact else None,
+        "oldest_undelivered_age_s": None,
+        "lag_s": None,
+    }
+
+
+def _destination_rows(conn: Conn, exact: bool) -> dict[str, dict[str, Any]]:
+    """Per destination: every count (``exact``: the relay_status view), or the counted states
+    with the finished ones and the total None (not estimated per destination: pg_stats has no
+    joint statistics of project_id and state to split them by)."""
+    out: dict[str, dict[str, Any]] = {}
+    if exact:
+        for row in conn.execute(q.STATUS_BY_DESTINATION).fetchall():
+            out[row[0]] = {
+                **dict(zip(STATES, (int(n) for n in row[1:9]), strict=True)),
+                "total": int(row[9]),
+                "oldest_undelivered_age_s": row[10],
+                "lag_s": row[11],
+            }
+        return out
+    for row in conn.execute(q.OUTBOX_STATUS_BACKLOG).fetchall():
+        entry = _empty_entry(exact=False)
+        entry.update(zip(COUNTED_STATES, (int(n) for n in row[1:6]), strict=True))
+        entry.update(oldest_undelivered_age_s=row[6], lag_s=row[7])
+        out[row[0]] = entry
+    return out
+
+
+def status_snapshot(conn: Conn, *, exact: bool = False) -> dict[str, Any]:
+    """Counts per state (all states, zero when none), ages, and per-destination figures.
+
+    By default the unfinished states and dead are counted exactly from the partial indexes,
+    and the finished states and the total are estimated (``estimated`` names them; None when
+    unknown, and always None per destination). ``exact`` counts every row with the
+    relay_status view, which reads the whole table. So does a table too small to matter
+    whose statistics cannot give the estimates yet (never analyzed: a new deployment, the
+    demo): counting ``EXACT_BELOW_PAGES`` pages costs milliseconds, and beats an unknown.
+    """
+    if not exact:
+        stats = _table_statistics(conn)
+        unknown = any(v is None for v in estimate_finished(stats, 0).values())
+        exact = unknown and stats.pages <= EXACT_BELOW_PAGES
+    destinations = _destination_rows(conn, exact)
     configured = {r[0]: r for r in conn.execute(q.DESTINATION_LIST_WITHOUT_KEY).fetchall()}
-    totals: dict[str, Any] = dict.fromkeys(STATES, 0)
-    totals["total"] = 0
-    destinations: dict[str, dict[str, Any]] = {}
+    totals: dict[str, Any] = dict.fromkeys((*STATES, "total"), 0)
     lags: list[float] = []
     oldest: list[float] = []
-    for row in rows:
-        name = row[0]
-        counts = dict(zip(STATES, (int(n) for n in row[1:9]), strict=True))
-        for state, n in counts.items():
-            totals[state] += n
-        totals["total"] += int(row[9])
-        if row[10] is not None:
-            oldest.append(float(row[10]))
-        if row[11] is not None:
-            lags.append(float(row[11]))
-        destinations[name] = {
-            **counts,
-            "total": int(row[9]),
-            "oldest_undelivered_age_s": row[10],
-            "lag_s": row[11],
-        }
+    for entry in destinations.values():
+        for key in (*STATES, "total") if exact else COUNTED_STATES:
+            totals[key] += entry[key]
+        if entry["oldest_undelivered_age_s"] is not None:
+            oldest.append(float(entry["oldest_undelivered_age_s"]))
+        if entry["lag_s"] is not None:
+            lags.append(float(entry["lag_s"]))
+    analyzed_at = None
+    if not exact:
+        totals.update(estimate_finished(stats, sum(totals[s] for s in COUNTED_STATES)))
+        analyzed_at = stats.analyzed_at
     for name, d in configured.items():
-        entry = destinations.setdefault(
-            name,
-            {
-                **dict.fromkeys(STATES, 0),
-                "total": 0,
-                "oldest_undelivered_age_s": None,
-                "lag_s": None,
-            },
-        )
+        entry = destinations.setdefault(name, _empty_entry(exact))
         entry.update(configured=True, enabled=bool(d[3]), paused_reason=d[5] if d[4] else None)
     for name, entry in destinations.items():
         if name not in configured:
             entry.update(configured=False, enabled=None, paused_reason=None)
     return {
         **totals,
+        # Which of the figures above are estimates (the rest are exact counts).
+        "estimated": [] if exact else list(ESTIMATED),
+        # The ANALYZE the estimates' split by state comes from (None: never, or --exact).
+        "analyzed_at": analyzed_at,
         # Age of the oldest message waiting to be sent (pending or retrying): the relay's lag.
         "oldest_pending_age_s": max(lags) if lags else None,
         # Age of the oldest message not yet delivered (also in flight or held).
@@ -171,14 +315,29 @@ def status_snapshot(conn: Conn) -> dict[str, Any]:
     }
 
 
+def _approx(n: int | None) -> str:
+    """An estimate as the table shows it: ``~9876``, ``~50.1k``, ``~1.23M``; ``?`` unknown."""
+    if n is None:
+        return "?"
+    if n < 10_000:
+        return f"~{n}"
+    rounded = float(f"{n:.3g}")  # three significant digits: all an estimate is good for
+    for suffix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if rounded >= size:
+            return f"~{rounded / size:g}{suffix}"
+    return f"~{n}"  # unreachable: n >= 10,000 here
+
+
 def render_status(snap: dict[str, Any]) -> str:
+    estimated = set(snap.get("estimated", ()))
     headers = ["DESTINATION", *(s.upper().replace("_", " ") for s in STATES), "OLDEST", "LAG"]
     rows: list[list[Any]] = []
     for name, d in snap["destinations"].items():
         rows.append(
             [
                 name,
-                *(d[s] for s in STATES),
+                # None: a finished state, which is not estimated per destination.
+                *("-" if d[s] is None else d[s] for s in STATES),
                 _age(d["oldest_undelivered_age_s"]),
                 _age(d["lag_s"]),
             ]
@@ -186,14 +345,33 @@ def render_status(snap: dict[str, Any]) -> str:
     rows.append(
         [
             "TOTAL",
-            *(snap[s] for s in STATES),
+            *(_approx(snap[s]) if s in estimated else snap[s] for s in STATES),
             _age(snap["oldest_undelivered_age_s"]),
             _age(snap["oldest_pending_age_s"]),
         ]
     )
     lines = text_table(headers, rows, right=range(1, len(STATES) + 1))
     lines.append("(OLDEST: oldest message not yet delivered; LAG: oldest waiting to be sent)")
+    if estimated:
+        when = f" (last ANALYZE {_when(snap['analyzed_at'])})" if snap["analyzed_at"] else ""
+        lines.append(
+            f"(~: estimated from relay_outbox's statistics{when}; -: not estimated per destination)"
+        )
+        lines.append(
+            "(the other counts are exact; relay status --exact counts every row, reading the "
+            "whole table)"
+        )
     lines.append("")
+    total = snap["total"]
+    lines.append(
+        "messages in relay_outbox: "
+        + (f"{_approx(total)} (estimated)" if "total" in estimated else str(total))
+    )
+    if any(snap[s] is None for s in estimated):
+        lines.append(
+            "finished counts unknown: relay_outbox has no statistics from a time it held rows "
+            "yet (autovacuum analyzes it; or ANALYZE relay_outbox, or relay status --exact)"
+        )
     lines.append(
         "oldest message waiting to be sent: "
         + (
@@ -220,7 +398,7 @@ def render_status(snap: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     if args.watch is None:
         with _session("status") as conn:
-            snap = status_snapshot(conn)
+            snap = status_snapshot(conn, exact=args.exact)
         if args.json:
             _print_json(snap)
         else:
@@ -229,10 +407,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch > 0:
         raise ConfigError("--watch needs a positive number of seconds")
     with _errors("status"):
-        return _watch(args.watch, args.json)
+        return _watch(args.watch, args.json, args.exact)
 
 
-def _watch(interval: float, as_json: bool) -> int:
+def _watch(interval: float, as_json: bool, exact: bool) -> int:
     """Redraw the status every ``interval`` seconds until Ctrl-C.
 
     A database that goes away is shown on screen and retried at the next refresh: a watch is
@@ -245,7 +423,7 @@ def _watch(interval: float, as_json: bool) -> int:
             try:
                 if conn is None or conn.closed:
                     conn = connect(_dsn(), autocommit=True, application_name="relay status")
-                snap = status_snapshot(conn)
+                snap = status_snapshot(conn, exact=exact)
                 body = json.dumps(snap, default=_json_default) if as_json else render_status(snap)
             except (DatabaseUnavailable, psycopg.OperationalError) as exc:
                 if conn is not None:
@@ -821,10 +999,20 @@ def register(sub: Any) -> None:
     s = sub.add_parser(
         "status",
         help="message counts per state and destination, oldest message, lag",
-        description="Message counts per state and destination (the relay_status view), the "
-        "age of the oldest message waiting to be sent, and paused or disabled destinations.",
+        description="Message counts per state and destination, the age of the oldest message "
+        "waiting to be sent, and paused or disabled destinations. Unfinished (pending, in "
+        "flight, retrying, held) and dead messages are counted exactly from their partial "
+        "indexes; delivered, coalesced, cancelled and the total are estimated from the "
+        "table's statistics (marked ~, and named under 'estimated' in --json), since counting "
+        "them reads the whole history. --exact counts every row (the relay_status view).",
     )
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument(
+        "--exact",
+        action="store_true",
+        help="count every state exactly, per destination too, with the relay_status view "
+        "(reads every row of relay_outbox: seconds on millions of rows)",
+    )
     s.add_argument(
         "--watch",
         nargs="?",

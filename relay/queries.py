@@ -399,13 +399,83 @@ LISTEN: Final = "LISTEN relay_outbox"
 
 # --- operators (views, CLI, retention) --------------------------------------------------------
 
-# `relay status`: one row per destination (the relay_status view of migration 0002).
-# Index: none, the view counts every row of relay_outbox (exact figures). Locks: none.
+# `relay status --exact`: one row per destination (the relay_status view of migration 0002).
+# Index: none, the view counts every row of relay_outbox (exact figures, a sequential scan:
+# seconds on millions of finished rows). Locks: ACCESS SHARE on relay_outbox, no row locks.
 STATUS_BY_DESTINATION: Final = """
 SELECT destination, pending, in_flight, retrying, held, delivered, coalesced, dead, cancelled,
        total, oldest_undelivered_age_s, lag_s
 FROM relay_status
 ORDER BY destination
+"""
+
+# `relay status`: per destination, the exact number of messages in each unfinished state and
+# of dead ones, and the ages of the oldest undelivered message and of the oldest waiting to be
+# sent, with the relay_status view's meaning (oldest_undelivered_age_s: pending, retrying, in
+# flight or held; lag_s: pending or retrying), without reading the finished history. Each
+# aggregate's WHERE is exactly a partial index's predicate, so the planner reads only the rows
+# that index holds: the backlog and the dead messages, never the millions delivered (the plan
+# is checked on a table of 200,000 finished rows in tests/test_operator_cli.py). These indexes
+# hold neither state, project_id nor created_at, so each selected row costs one heap fetch.
+# One statement, so both counts come from one snapshot.
+# Index: relay_outbox_customer_unfinished_idx (partial: UNFINISHED; all of it, by an index or
+# bitmap scan) and relay_outbox_dead_idx (partial: dead). Locks: ACCESS SHARE on relay_outbox,
+# as any read; no row locks.
+OUTBOX_STATUS_BACKLOG: Final = f"""
+WITH unfinished AS (
+    SELECT coalesce(project_id, 'default') AS destination,
+           count(*) FILTER (WHERE state = 'pending') AS pending,
+           count(*) FILTER (WHERE state = 'in_flight') AS in_flight,
+           count(*) FILTER (WHERE state = 'retrying') AS retrying,
+           count(*) FILTER (WHERE state = 'held') AS held,
+           min(created_at) AS oldest_undelivered,
+           min(created_at) FILTER (WHERE state IN {DUE}) AS oldest_waiting
+    FROM relay_outbox
+    WHERE state IN {UNFINISHED}
+    GROUP BY 1
+), dead AS (
+    SELECT coalesce(project_id, 'default') AS destination, count(*) AS dead
+    FROM relay_outbox
+    WHERE state = 'dead'
+    GROUP BY 1
+)
+SELECT destination,
+       coalesce(u.pending, 0), coalesce(u.in_flight, 0), coalesce(u.retrying, 0),
+       coalesce(u.held, 0), coalesce(d.dead, 0),
+       extract(epoch FROM now() - u.oldest_undelivered)::float8 AS oldest_undelivered_age_s,
+       extract(epoch FROM now() - u.oldest_waiting)::float8 AS lag_s
+FROM unfinished u
+FULL JOIN dead d USING (destination)
+ORDER BY destination
+"""
+
+# `relay status`: the planner's statistics of relay_outbox, from which the finished states are
+# estimated (relay.operator_cli.estimate_finished) instead of counted: reltuples and relpages
+# as the last VACUUM or ANALYZE left them, the table's size in pages now (the planner scales
+# reltuples / relpages to it, so rows written since are counted), the most common values of
+# state with their frequencies and its number of distinct values (for the states outside that
+# list, as the planner estimates them), and when the table was last analyzed. pg_stats shows
+# a column only to a user who may SELECT it: relay_operator may (migration 0002), relay_app
+# may not. NULL columns (no statistics yet) are the caller's to handle. No row of
+# relay_outbox is read; the regclass cast fails with "relation does not exist" on a database
+# never migrated.
+# Index: catalog only (pg_class by oid, pg_statistic by relation). Locks: ACCESS SHARE on
+# relay_outbox for an instant (pg_relation_size opens it); nothing else.
+OUTBOX_STATUS_ESTIMATE: Final = """
+SELECT c.reltuples::float8,
+       c.relpages::bigint,
+       pg_relation_size(c.oid) / current_setting('block_size')::bigint AS pages,
+       s.most_common_vals::text::text[] AS state_values,
+       s.most_common_freqs::float8[] AS state_freqs,
+       s.n_distinct::float8 AS state_n_distinct,
+       greatest(pg_stat_get_last_analyze_time(c.oid),
+                pg_stat_get_last_autoanalyze_time(c.oid)) AS analyzed_at
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stats s
+       ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = 'state'
+      AND NOT s.inherited
+WHERE c.oid = 'relay_outbox'::regclass
 """
 
 # Destinations without their keys: readable by relay_operator, whose grant on relay_destination

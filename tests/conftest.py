@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from pytest_postgresql.janitor import DatabaseJanitor
 
 
@@ -104,3 +106,37 @@ def empty_dsn(pg_server: Server) -> Iterator[str]:
 def conn(dsn: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(dsn) as c:
         yield c
+
+
+LoginAs = Callable[[str], str]
+
+
+def _url(dsn: str, user: str) -> str:
+    """``dsn`` as a URL for another user (for DATABASE_URL, which must be a URL)."""
+    params = conninfo_to_dict(dsn)
+    host, port, dbname = params.get("host", ""), params.get("port", "5432"), params["dbname"]
+    if str(host).startswith("/"):
+        return f"postgresql://{user}@/{dbname}?host={host}&port={port}"
+    return f"postgresql://{user}@{host}:{port}/{dbname}"
+
+
+@pytest.fixture
+def login_as(dsn: str) -> Iterator[LoginAs]:
+    """``login_as("relay_app")``: a new LOGIN user granted that role; returns its URL (a
+    DATABASE_URL). The users are dropped after the test."""
+    made: list[str] = []
+
+    def make(role: str) -> str:
+        name = f"relay_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+            made.append(name)
+            admin.execute(
+                sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(name))
+            )
+        return _url(dsn, name)
+
+    yield make
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for name in made:
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))

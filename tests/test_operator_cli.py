@@ -19,7 +19,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay import record_event
+from relay import operator_cli, record_event
+from relay import queries as q
+from relay.operator_cli import TableStatistics, estimate_finished
 
 KEY = "wk_live_0123456789abcdefghijklmnop"
 CLEAR = "\x1b[H\x1b[2J"
@@ -135,7 +137,7 @@ def test_a_database_without_the_operator_views_is_one_line_not_a_traceback(
     from relay.migrate import upgrade
 
     upgrade(empty_dsn, "relay_0001")
-    done = relay(empty_dsn, "status")
+    done = relay(empty_dsn, "status", "--exact")  # the default reads no view
     assert done.returncode == 5  # the schema is not this relay's (docs/reference.md)
     assert "relay_status" in done.stderr and "relay migrate" in done.stderr
     assert "Traceback" not in done.stderr
@@ -167,7 +169,7 @@ def _populate_every_state(dsn: str) -> dict[str, int]:
     return dict(zip(STATES, ids[:8], strict=True))
 
 
-def test_status_json_counts_each_state_and_destination(dsn: str) -> None:
+def test_status_exact_json_counts_each_state_and_destination(dsn: str) -> None:
     _populate_every_state(dsn)
     sql(
         dsn,
@@ -175,7 +177,7 @@ def test_status_json_counts_each_state_and_destination(dsn: str) -> None:
         " VALUES ('prj_1', 'us', %s, now(), '401 Unauthorized'), ('prj_2', 'eu', %s, NULL, NULL)",
         (KEY, KEY),
     )
-    snap = json.loads(ok(relay(dsn, "status", "--json")))
+    snap = json.loads(ok(relay(dsn, "status", "--exact", "--json")))
 
     assert {s: snap[s] for s in STATES} == {**dict.fromkeys(STATES, 1), "pending": 5}
     assert snap["total"] == 12
@@ -188,12 +190,13 @@ def test_status_json_counts_each_state_and_destination(dsn: str) -> None:
     assert prj_1["pending"] == 4 and prj_1["total"] == 4 and prj_1["lag_s"] is not None
     assert prj_1["paused_reason"] == "401 Unauthorized" and prj_1["enabled"] is True
     assert prj_2["total"] == 0 and prj_2["configured"] is True and prj_2["paused_reason"] is None
+    assert snap["estimated"] == []
     assert KEY not in json.dumps(snap)
 
 
-def test_status_text_is_a_table_with_totals(dsn: str) -> None:
+def test_status_exact_text_is_a_table_with_totals(dsn: str) -> None:
     _populate_every_state(dsn)
-    out = ok(relay(dsn, "status"))
+    out = ok(relay(dsn, "status", "--exact"))
     header, default, prj_1, total = out.splitlines()[:4]
     assert header.split()[:3] == ["DESTINATION", "PENDING", "IN"]  # IN FLIGHT
     assert default.split()[:9] == ["default", *["1"] * 8]
@@ -201,6 +204,305 @@ def test_status_text_is_a_table_with_totals(dsn: str) -> None:
     assert total.split()[:2] == ["TOTAL", "5"]
     assert "oldest message waiting to be sent: 1h 0m" in out
     assert "1 held messages" in out and "1 dead messages" in out
+    assert "messages in relay_outbox: 12\n" in out and "~" not in out
+
+
+# --- status: exact backlog, estimated history ---------------------------------------------------
+
+COUNTED = ("pending", "in_flight", "retrying", "held", "dead")
+FINISHED = ("delivered", "coalesced", "cancelled")
+
+
+def fill_finished(dsn: str, first: int, last: int) -> None:
+    """Finished rows ``first``..``last`` in one INSERT ... SELECT: every 50th coalesced, every
+    1000th (offset 1) cancelled, the rest delivered; every 4th to project prj_1."""
+    sql(
+        dsn,
+        """
+        INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, project_id,
+                                  event_type, body, occurred_at, state, delivered_at)
+        SELECT 'old-' || g, 'evt-old-' || g, 'track', 'old_' || (g / 10),
+               CASE WHEN g %% 4 = 0 THEN 'prj_1' END, 'page.view',
+               jsonb_build_object('type', 'track', 'userId', 'old_' || (g / 10),
+                                  'event', 'page.view', 'messageId', 'old-' || g),
+               now(),
+               CASE WHEN g %% 50 = 0 THEN 'coalesced' WHEN g %% 1000 = 1 THEN 'cancelled'
+                    ELSE 'delivered' END,
+               now()
+        FROM generate_series(%s::int, %s::int) AS g
+        """,
+        (first, last),
+    )
+
+
+def analyze(dsn: str) -> None:
+    sql(dsn, "ANALYZE relay_outbox")
+
+
+def view(dsn: str) -> dict[str, dict[str, Any]]:
+    """The relay_status view, per destination."""
+    columns = (*STATES, "total", "oldest_undelivered_age_s", "lag_s")
+    return {
+        r[0]: dict(zip(columns, r[1:], strict=True))
+        for r in sql(dsn, "SELECT * FROM relay_status ORDER BY destination")
+    }
+
+
+def exact_counts(dsn: str) -> dict[str, int]:
+    counts = dict.fromkeys(STATES, 0)
+    rows = sql(dsn, "SELECT state, count(*) FROM relay_outbox GROUP BY state")
+    counts.update({state: n for state, n in rows})
+    return counts
+
+
+def within(estimate: int | None, exact: int, share: float) -> bool:
+    return estimate is not None and abs(estimate - exact) <= share * exact
+
+
+def test_status_counts_unfinished_and_dead_as_the_view_does_and_leaves_history_to_estimates(
+    dsn: str,
+) -> None:
+    _populate_every_state(dsn)
+    ids = record(dsn, "cus_c", 3, project="prj_2")
+    set_state(dsn, ids[:2], "held")
+    set_state(dsn, ids[2:3], "dead")
+    set_state(dsn, ids[3:4], "retrying")
+    set_state(dsn, ids[4:5], "delivered")
+    fill_finished(dsn, 1, 500)
+    analyze(dsn)
+    expected = view(dsn)
+
+    snap = json.loads(ok(relay(dsn, "status", "--json")))
+
+    assert set(snap["destinations"]) <= set(expected)
+    for name, d in snap["destinations"].items():
+        assert {s: d[s] for s in COUNTED} == {s: expected[name][s] for s in COUNTED}, name
+        # Not estimated per destination: null, never a guess.
+        assert {s: d[s] for s in (*FINISHED, "total")} == dict.fromkeys((*FINISHED, "total"))
+        for age in ("oldest_undelivered_age_s", "lag_s"):
+            if expected[name][age] is None:
+                assert d[age] is None, (name, age)
+            else:
+                assert d[age] == pytest.approx(expected[name][age], abs=5), (name, age)
+    # Every destination with an unfinished or dead message is listed.
+    assert {n for n, e in expected.items() if any(e[s] for s in COUNTED)} <= set(
+        snap["destinations"]
+    )
+    for s in COUNTED:
+        assert snap[s] == sum(e[s] for e in expected.values()), s
+    assert 3590 <= snap["oldest_pending_age_s"] < 3700
+    assert snap["estimated"] == ["delivered", "coalesced", "cancelled", "total"]
+    assert snap["analyzed_at"] is not None
+
+
+def test_status_exact_equals_the_view(dsn: str) -> None:
+    _populate_every_state(dsn)
+    fill_finished(dsn, 1, 300)
+    expected = view(dsn)
+
+    snap = json.loads(ok(relay(dsn, "status", "--exact", "--json")))
+
+    columns = (*STATES, "total")
+    for name, e in expected.items():
+        d = snap["destinations"][name]
+        assert {c: d[c] for c in columns} == {c: e[c] for c in columns}, name
+    assert set(snap["destinations"]) == set(expected)  # prj_1: finished rows only
+    assert {c: snap[c] for c in columns} == {
+        c: sum(e[c] for e in expected.values()) for c in columns
+    }
+    assert snap["estimated"] == [] and snap["analyzed_at"] is None
+
+
+def test_status_estimates_the_history_after_analyze_and_says_so(dsn: str) -> None:
+    _populate_every_state(dsn)
+    fill_finished(dsn, 1, 50_000)
+    analyze(dsn)
+    exact = exact_counts(dsn)
+
+    snap = json.loads(ok(relay(dsn, "status", "--json")))
+
+    assert snap["estimated"] == ["delivered", "coalesced", "cancelled", "total"]
+    assert {s: snap[s] for s in COUNTED} == {s: exact[s] for s in COUNTED}
+    for s in ("delivered", "coalesced"):
+        assert within(snap[s], exact[s], 0.10), (s, snap[s], exact[s])
+    assert snap["cancelled"] is not None and snap["cancelled"] >= 0
+    assert within(snap["total"], sum(exact.values()), 0.10), snap["total"]
+
+    text = ok(relay(dsn, "status"))
+    lines = text.splitlines()
+    default = next(line for line in lines if line.startswith("default "))
+    assert default.split()[5:7] == ["-", "-"]  # DELIVERED, COALESCED: not per destination
+    total = next(line for line in lines if line.startswith("TOTAL "))
+    assert total.split()[5].startswith("~") and total.split()[5].endswith("k")  # ~49k
+    assert total.split()[1:5] == [str(exact[s]) for s in COUNTED[:4]]  # exact, unmarked
+    assert "(~: estimated from relay_outbox's statistics (last ANALYZE " in text
+    assert "relay status --exact counts every row" in text
+    assert "messages in relay_outbox: ~" in text and "(estimated)" in text
+
+    # Rows written since the ANALYZE are counted: the planner's density times today's pages.
+    fill_finished(dsn, 50_001, 100_000)
+    grown = json.loads(ok(relay(dsn, "status", "--json")))
+    assert within(grown["total"], sum(exact.values()) + 50_000, 0.10), grown["total"]
+    assert within(grown["delivered"], exact["delivered"] * 2, 0.10), grown["delivered"]
+
+
+def test_status_on_a_table_never_analyzed_is_sane(dsn: str) -> None:
+    # Autovacuum must not analyze the table behind the test's back.
+    sql(dsn, "ALTER TABLE relay_outbox SET (autovacuum_enabled = false)")
+    _populate_every_state(dsn)
+    ids = record(dsn, "cus_d", 2)
+    set_state(dsn, ids, "delivered")
+    # The premise: a table fresh from its migration has never been vacuumed or analyzed.
+    assert sql(dsn, "SELECT reltuples FROM pg_class WHERE oid = 'relay_outbox'::regclass") == [
+        (-1.0,)
+    ]
+    exact = exact_counts(dsn)
+
+    # Small (a new deployment, the demo): counted, since a count is cheap and beats "unknown".
+    small = json.loads(ok(relay(dsn, "status", "--json")))
+    assert small["estimated"] == [] and small["analyzed_at"] is None
+    assert {s: small[s] for s in STATES} == exact
+    assert small["total"] == sum(exact.values())
+    assert "~" not in ok(relay(dsn, "status"))
+
+    # Past EXACT_BELOW_PAGES and never analyzed: the history is unknown, not guessed.
+    fill_finished(dsn, 1, 60_000)
+    pages = sql(dsn, "SELECT pg_relation_size('relay_outbox') / 8192")[0][0]
+    assert pages > operator_cli.EXACT_BELOW_PAGES, pages
+    exact = exact_counts(dsn)
+    snap = json.loads(ok(relay(dsn, "status", "--json")))
+    assert {s: snap[s] for s in COUNTED} == {s: exact[s] for s in COUNTED}
+    assert {s: snap[s] for s in (*FINISHED, "total")} == dict.fromkeys((*FINISHED, "total"))
+    assert snap["analyzed_at"] is None
+    text = ok(relay(dsn, "status"))
+    total = next(line for line in text.splitlines() if line.startswith("TOTAL "))
+    assert total.split()[5:7] == ["?", "?"]
+    assert "messages in relay_outbox: ? (estimated)" in text
+    assert "finished counts unknown" in text and "relay status --exact" in text
+
+    # VACUUM (no ANALYZE) gives the row count but no split by state.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM relay_outbox")
+    vacuumed = json.loads(ok(relay(dsn, "status", "--json")))
+    assert within(vacuumed["total"], sum(exact.values()), 0.01), vacuumed["total"]
+    assert {s: vacuumed[s] for s in FINISHED} == dict.fromkeys(FINISHED)
+
+    analyze(dsn)
+    analyzed = json.loads(ok(relay(dsn, "status", "--json")))
+    assert analyzed["estimated"] == ["delivered", "coalesced", "cancelled", "total"]
+    for s in ("delivered", "coalesced"):
+        assert within(analyzed[s], exact[s], 0.10), (s, analyzed[s], exact[s])
+
+
+NONE = dict.fromkeys(("delivered", "coalesced", "cancelled", "total"))
+
+
+@pytest.mark.parametrize(
+    ("stats", "counted", "expected"),
+    [
+        # No pages: no rows, whatever the catalogue says.
+        ((-1.0, 0, 0, {}, None), 0, {"delivered": 0, "coalesced": 0, "cancelled": 0, "total": 0}),
+        # Never vacuumed or analyzed, or last seen empty while it has pages now: unknown.
+        ((-1.0, 0, 5, {}, None), 3, NONE),
+        ((0.0, 0, 5, {}, None), 3, NONE),
+        # 100 rows a page, 20 pages now: 2000 rows, 1900 finished, split 0.90 : 0.05 : 0.
+        (
+            (1000.0, 10, 20, {"delivered": 0.9, "coalesced": 0.05, "pending": 0.05}, 3.0),
+            100,
+            {"delivered": 1800, "coalesced": 100, "cancelled": 0, "total": 2000},
+        ),
+        # States outside the most common values share what those leave, as the planner has it:
+        # 0.04 over 4 - 2 other values.
+        (
+            (1000.0, 10, 10, {"delivered": 0.9, "pending": 0.06}, 4.0),
+            60,
+            {"delivered": 900, "coalesced": 20, "cancelled": 20, "total": 1000},
+        ),
+        # n_distinct as a share of the rows: 0.5 x 16 = 8 values, 6 of them outside the list.
+        (
+            (16.0, 1, 1, {"pending": 5 / 16, "delivered": 5 / 16}, -0.5),
+            9,
+            {"delivered": 5, "coalesced": 1, "cancelled": 1, "total": 16},
+        ),
+        # VACUUM without ANALYZE: the row count, no split.
+        (
+            (1000.0, 10, 10, {}, None),
+            10,
+            {"delivered": None, "coalesced": None, "cancelled": None, "total": 1000},
+        ),
+        # The last ANALYZE saw no finished message (all were pending then): split unknown.
+        (
+            (1000.0, 10, 10, {"pending": 1.0}, 1.0),
+            10,
+            {"delivered": None, "coalesced": None, "cancelled": None, "total": 1000},
+        ),
+        # A backlog that outgrew the estimate: nothing finished, never a negative count.
+        (
+            (100.0, 10, 10, {"delivered": 1.0}, 1.0),
+            250,
+            {"delivered": 0, "coalesced": 0, "cancelled": 0, "total": 250},
+        ),
+    ],
+)
+def test_estimate_finished_guards_its_inputs(
+    stats: tuple[float, int, int, dict[str, float], float | None],
+    counted: int,
+    expected: dict[str, Any],
+) -> None:
+    assert estimate_finished(TableStatistics(*stats), counted) == expected
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    return [plan, *(n for child in plan.get("Plans", ()) for n in _plan_nodes(child))]
+
+
+def _scans(dsn: str, statement: str) -> list[tuple[str, str | None, str | None]]:
+    """(node type, relation, index) of every node of the statement's plan."""
+    ((doc,),) = sql(dsn, "EXPLAIN (FORMAT JSON) " + statement)
+    return [
+        (n["Node Type"], n.get("Relation Name"), n.get("Index Name"))
+        for n in _plan_nodes(doc[0]["Plan"])
+    ]
+
+
+def test_status_queries_read_partial_indexes_and_never_seq_scan_the_outbox(dsn: str) -> None:
+    fill_finished(dsn, 1, 200_000)
+    _populate_every_state(dsn)
+    record(dsn, "cus_p", 5, project="prj_2")
+    analyze(dsn)
+
+    for statement in (q.OUTBOX_STATUS_BACKLOG, q.OUTBOX_STATUS_ESTIMATE):
+        nodes = _scans(dsn, statement)
+        seq = [n for n in nodes if "Seq Scan" in n[0] and n[1] == "relay_outbox"]
+        assert seq == [], (statement, nodes)
+    indexes = {n[2] for n in _scans(dsn, q.OUTBOX_STATUS_BACKLOG)}
+    assert {"relay_outbox_customer_unfinished_idx", "relay_outbox_dead_idx"} <= indexes
+    # The check can fail: --exact's view reads the whole table, as its docs say.
+    exact = _scans(dsn, q.STATUS_BY_DESTINATION)
+    assert any("Seq Scan" in n[0] and n[1] == "relay_outbox" for n in exact), exact
+
+
+def test_relay_operator_sees_the_statistics_the_estimates_come_from(
+    dsn: str, login_as: Callable[[str], str]
+) -> None:
+    _populate_every_state(dsn)
+    fill_finished(dsn, 1, 5_000)
+    analyze(dsn)
+    exact = exact_counts(dsn)
+    stats_row = (
+        "SELECT count(*) FROM pg_stats WHERE tablename = 'relay_outbox' AND attname = 'state'"
+        " AND most_common_vals IS NOT NULL"
+    )
+    operator, app = login_as("relay_operator"), login_as("relay_app")
+    # pg_stats shows a column only to who may read it: relay_operator may, relay_app not.
+    assert sql(operator, stats_row) == [(1,)]
+    assert sql(app, stats_row) == [(0,)]
+
+    snap = json.loads(ok(relay(operator, "status", "--json")))
+
+    assert {s: snap[s] for s in COUNTED} == {s: exact[s] for s in COUNTED}
+    assert within(snap["delivered"], exact["delivered"], 0.10), snap["delivered"]
+    assert within(snap["total"], sum(exact.values()), 0.10), snap["total"]
 
 
 def _watch(dsn: str, *args: str, until: Callable[[str], bool]) -> tuple[str, int]:

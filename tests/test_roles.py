@@ -12,15 +12,11 @@ import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
-from psycopg import errors, sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg import errors
 
 from relay import queries as q
 from relay import record_event
@@ -30,6 +26,7 @@ from relay.models.states import UNFINISHED_STATES
 from relay.retention import purge
 from relay.service import drain
 from relay.testing.fakecio import FakeCustomerIO
+from tests.conftest import LoginAs
 from tests.relay_helpers import KEY as DEFAULT_KEY
 from tests.relay_helpers import make_relay
 
@@ -41,38 +38,6 @@ EVENT: dict[str, Any] = {
     "customer": {"id": "cus_42", "email": "ada@example.com"},
     "properties": {"amount": 4999},
 }
-
-LoginAs = Callable[[str], str]
-
-
-def _url(dsn: str, user: str) -> str:
-    """``dsn`` as a URL for another user (for DATABASE_URL, which must be a URL)."""
-    params = conninfo_to_dict(dsn)
-    host, port, dbname = params.get("host", ""), params.get("port", "5432"), params["dbname"]
-    if str(host).startswith("/"):
-        return f"postgresql://{user}@/{dbname}?host={host}&port={port}"
-    return f"postgresql://{user}@{host}:{port}/{dbname}"
-
-
-@pytest.fixture
-def login_as(dsn: str) -> Iterator[LoginAs]:
-    """``login_as("relay_app")``: a new LOGIN user granted that role; returns its DSN."""
-    made: list[str] = []
-
-    def make(role: str) -> str:
-        name = f"relay_test_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-            made.append(name)
-            admin.execute(
-                sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(name))
-            )
-        return _url(dsn, name)
-
-    yield make
-    with psycopg.connect(dsn, autocommit=True) as admin:
-        for name in made:
-            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def _denied(user_dsn: str, statement: str, params: Any = None) -> bool:

@@ -427,7 +427,7 @@ def next_steps(db: Database) -> list[str]:
         return lines
     lines += [
         "  relay status                                the outbox's backlog (reads DATABASE_URL)",
-        "  SELECT * FROM relay_status;                 the same, as a SQL view",
+        "  SELECT * FROM relay_status;                 every count exact, as a SQL view",
         "  SELECT * FROM relay_message_history;        every message with its attempts",
         "  CUSTOMERIO_WRITE_KEY=... relay run          deliver to your own Customer.io workspace",
     ]
