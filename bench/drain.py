@@ -58,10 +58,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -132,6 +133,7 @@ class Outcome:
     relay_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
     postgres_cpu_s: float | None = None
+    lock_waits: LockWaits | None = None
     machine_busy: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -543,13 +545,72 @@ def _database_outcome(dsn: str) -> tuple[Counter[str], float | None, int]:
     return states, (last[0] if last else None), int(attempts[0]) if attempts else 0
 
 
+@dataclass
+class LockWaits:
+    """What ``LockWaitSampler`` saw: how often the relays' sessions waited on a lock."""
+
+    samples: int
+    mean_waiting: float  # sessions waiting on a heavyweight lock, averaged over the samples
+    share_with_wait: float  # of the samples, those where at least one session waited
+    mean_active: float  # sessions running a statement, averaged
+
+
+class LockWaitSampler(threading.Thread):
+    """Samples ``pg_stat_activity`` every ``every_s`` during a run, on its own session.
+
+    PostgreSQL keeps no running total of lock waits, so they are sampled: at each sample, the
+    sessions of this database (the sampler's own left out) that run a statement, and those of
+    them that wait for a heavyweight lock (``wait_event_type = 'Lock'``: a row lock another
+    claim holds, a tuple lock, a relation lock). SKIP LOCKED claims never wait for row locks,
+    so waits here mean contention elsewhere: outcome writes against a claim's lock, the
+    throttle row, the vacuum. The sampler's own cost is one catalog read per sample.
+    """
+
+    SQL = """
+    SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'),
+           count(*) FILTER (WHERE state = 'active')
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND backend_type = 'client backend'
+      AND pid <> pg_backend_pid()
+    """
+
+    def __init__(self, dsn: str, every_s: float = 0.02) -> None:
+        super().__init__(name="bench-lock-sampler", daemon=True)
+        self._dsn = dsn
+        self._every = every_s
+        self._halt = threading.Event()
+        self._seen: list[tuple[int, int]] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            while not self._halt.wait(self._every):
+                row = conn.execute(self.SQL).fetchone()
+                if row is not None:
+                    self._seen.append((int(row[0]), int(row[1])))
+
+    def finish(self) -> LockWaits:
+        self._halt.set()
+        self.join(timeout=5.0)
+        n = len(self._seen)
+        if not n:
+            return LockWaits(0, 0.0, 0.0, 0.0)
+        return LockWaits(
+            samples=n,
+            mean_waiting=sum(w for w, _ in self._seen) / n,
+            share_with_wait=sum(1 for w, _ in self._seen if w) / n,
+            mean_active=sum(a for _, a in self._seen) / n,
+        )
+
+
 def run_variant(v: Variant, dsn: str, rows: int, timeout_s: float) -> Outcome:
     busy0, total0 = machine_cpu()
     pg0 = postgres_cpu_s()
+    sampler = LockWaitSampler(dsn)
     server: FakeServer | None = None
     reports: list[dict[str, Any]] = []
     stats: dict[str, Any] = {}
     problems: list[str] = []
+    sampler.start()
     try:
         if v.mode == "sql":
             start, exit_at = run_ceiling(dsn)
@@ -560,6 +621,7 @@ def run_variant(v: Variant, dsn: str, rows: int, timeout_s: float) -> Outcome:
             start = min(r["start"] for r in reports)
             exit_at = max(r["end"] for r in reports)
     finally:
+        lock_waits = sampler.finish()
         if server is not None:
             server.stop()
     busy1, total1 = machine_cpu()
@@ -603,6 +665,7 @@ def run_variant(v: Variant, dsn: str, rows: int, timeout_s: float) -> Outcome:
         relay_cpu_s=sum(r["cpu_user_s"] + r["cpu_system_s"] for r in reports),
         server_cpu_s=server.cpu_s if server else 0.0,
         postgres_cpu_s=pg1 - pg0 if pg0 is not None and pg1 is not None else None,
+        lock_waits=lock_waits,
         machine_busy=(busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0,
         problems=problems,
     )
@@ -872,6 +935,7 @@ def _payload(
                     if o.postgres_cpu_s is not None and o.finished
                     else None
                 ),
+                "lock_waits": asdict(o.lock_waits) if o.lock_waits else None,
                 "machine_cpu_busy_pct": 100 * o.machine_busy,
                 "problems": [p for x in runs[v.key] for p in x.problems],
             }
@@ -929,6 +993,16 @@ def scale_ratios(variants: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _lock_cell(w: dict[str, Any] | None) -> str | None:
+    """Mean sessions running a statement / waiting on a lock (and how often any waited)."""
+    if not w or not w["samples"]:
+        return None
+    return (
+        f"{w['mean_active']:.2f} / {w['mean_waiting']:.2f} "
+        f"({100 * w['share_with_wait']:.0f}% of samples)"
+    )
+
+
 def render(payload: dict[str, Any]) -> str:
     b = payload["backlog"]
     out = [
@@ -954,6 +1028,7 @@ def render(payload: dict[str, Any]) -> str:
         "peak RSS MB/relay",
         "relay CPU ms/1k rows",
         "PostgreSQL CPU ms/1k rows",
+        "sessions active / on a lock",
         "fake server CPU s",
         "machine CPU busy",
     ]
@@ -982,6 +1057,7 @@ def render(payload: dict[str, Any]) -> str:
                 r["peak_rss_mb_per_relay"],
                 r["relay_cpu_ms_per_1000_rows"],
                 r.get("postgres_cpu_ms_per_1000_rows"),
+                _lock_cell(r.get("lock_waits")),
                 r["server_cpu_s"],
                 f"{r['machine_cpu_busy_pct']:.0f}%",
             ]
