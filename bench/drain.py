@@ -553,6 +553,9 @@ class LockWaits:
     mean_waiting: float  # sessions waiting on a heavyweight lock, averaged over the samples
     share_with_wait: float  # of the samples, those where at least one session waited
     mean_active: float  # sessions running a statement, averaged
+    # What the waiting sessions waited for (wait_event: transactionid, tuple, relation, ...) and
+    # the statement they ran (its first words), counted over the samples: the place to look.
+    waited_for: dict[str, int] = field(default_factory=dict)
 
 
 class LockWaitSampler(threading.Thread):
@@ -566,12 +569,16 @@ class LockWaitSampler(threading.Thread):
     throttle row, the vacuum. The sampler's own cost is one catalog read per sample.
     """
 
-    SQL = """
-    SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'),
-           count(*) FILTER (WHERE state = 'active')
-    FROM pg_stat_activity
-    WHERE datname = current_database() AND backend_type = 'client backend'
-      AND pid <> pg_backend_pid()
+    SQL = r"""
+    SELECT a.wait_event_type = 'Lock', a.state = 'active',
+           a.wait_event || ': ' || left(regexp_replace(a.query, '\s+', ' ', 'g'), 50)
+           || ' <- ' || coalesce((
+               SELECT string_agg(b.state || ' ' || left(regexp_replace(b.query, '\s+', ' ', 'g'),
+                                                         50), ' | ')
+               FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(a.pid))), '?')
+    FROM pg_stat_activity a
+    WHERE a.datname = current_database() AND a.backend_type = 'client backend'
+      AND a.pid <> pg_backend_pid()
     """
 
     def __init__(self, dsn: str, every_s: float = 0.02) -> None:
@@ -580,13 +587,15 @@ class LockWaitSampler(threading.Thread):
         self._every = every_s
         self._halt = threading.Event()
         self._seen: list[tuple[int, int]] = []
+        self._waited_for: Counter[str] = Counter()
 
     def run(self) -> None:
         with psycopg.connect(self._dsn, autocommit=True) as conn:
             while not self._halt.wait(self._every):
-                row = conn.execute(self.SQL).fetchone()
-                if row is not None:
-                    self._seen.append((int(row[0]), int(row[1])))
+                rows = conn.execute(self.SQL).fetchall()
+                waiting = [what for locked, _, what in rows if locked]
+                self._waited_for.update(waiting)
+                self._seen.append((len(waiting), sum(1 for _, active, _ in rows if active)))
 
     def finish(self) -> LockWaits:
         self._halt.set()
@@ -599,6 +608,7 @@ class LockWaitSampler(threading.Thread):
             mean_waiting=sum(w for w, _ in self._seen) / n,
             share_with_wait=sum(1 for w, _ in self._seen if w) / n,
             mean_active=sum(a for _, a in self._seen) / n,
+            waited_for=dict(self._waited_for.most_common(5)),
         )
 
 
@@ -1069,6 +1079,13 @@ def render(payload: dict[str, Any]) -> str:
     out.append("")
     out.append("Relay settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     out.extend(scale_ratios(payload["variants"]))
+    for r in payload["variants"]:
+        waited = (r.get("lock_waits") or {}).get("waited_for") or {}
+        if waited:
+            out.append(
+                f"lock waits in {r['label']}: "
+                + "; ".join(f"{n} x {what}" for what, n in waited.items())
+            )
     problems = [(r["label"], p) for r in payload["variants"] for p in r["problems"]]
     out.append("")
     if problems:
