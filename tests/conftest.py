@@ -23,6 +23,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from pytest_postgresql.janitor import DatabaseJanitor
 
+from relay.testing.fakecio import FakeCustomerIO
+from tests.relay_helpers import KEY
+
 
 @dataclass(frozen=True)
 class Server:
@@ -140,3 +143,10 @@ def login_as(dsn: str) -> Iterator[LoginAs]:
     with psycopg.connect(dsn, autocommit=True) as admin:
         for name in made:
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def cio() -> Iterator[FakeCustomerIO]:
+    """A strict local Customer.io stand-in that accepts the tests' write key (``KEY``)."""
+    with FakeCustomerIO(write_keys={KEY}) as server:
+        yield server

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -69,12 +68,6 @@ HOSTILE = [
     " ",
     "Zalgo: z̸̢̛a̵̡̛l̶̨̛g̷̢̛o̵̡̕",
 ]
-
-
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
 
 
 def as_json_value(value: Any) -> Any:

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 RELAY = Path(sys.executable).parent / "relay"
 PASSWORD = "S3cretPW"
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"
-
-
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
 
 
 def clean_env(**extra: str) -> dict[str, str]:

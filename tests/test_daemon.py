@@ -7,7 +7,6 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -28,12 +27,6 @@ from tests.relay_helpers import (
     wait_until,
     write_events,
 )
-
-
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
 
 
 def run_drain(relay: Relay, timeout: float = 20.0) -> None:

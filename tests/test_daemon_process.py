@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -18,7 +17,6 @@ from relay.migrate import head_revision
 from relay.service import Service, drain
 from relay.testing.fakecio import FakeCustomerIO
 from tests.relay_helpers import (
-    KEY,
     funnel_event,
     make_relay,
     query,
@@ -27,12 +25,6 @@ from tests.relay_helpers import (
     write_events,
 )
 from tests.relay_helpers import relay_env as helpers_relay_env
-
-
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
 
 
 def relay_env(dsn: str, cio: FakeCustomerIO, **extra: str) -> dict[str, str]:

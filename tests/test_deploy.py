@@ -219,12 +219,6 @@ def record_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
-
-
 def base_env() -> dict[str, str]:
     """What any process starts from here: the caller's environment minus the relay's own
     settings, so nothing but the deployment file configures the relay under test."""

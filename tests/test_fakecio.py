@@ -68,12 +68,6 @@ def item_of_size(size: int, char: str = "x") -> dict[str, Any]:
 
 
 @pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
-
-
-@pytest.fixture
 def client(cio: FakeCustomerIO) -> Iterator[httpx.Client]:
     with http_client(base_url=cio.url, auth=(KEY, ""), headers=STRICT, timeout=5.0) as c:
         yield c

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -30,12 +29,6 @@ from tests.relay_helpers import (
     states,
     write_events,
 )
-
-
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
 
 
 def snapshot(dsn: str) -> list[invariants.Written]:

@@ -80,12 +80,6 @@ def head_revisions() -> set[str]:
 
 
 @pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
-
-
-@pytest.fixture
 def serve() -> Iterator[Any]:
     servers: list[MetricsServer] = []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -23,7 +23,6 @@ from relay.settings import from_env
 from relay.testing.fakecio import FakeCustomerIO
 from tests import invariants
 from tests.relay_helpers import (
-    KEY,
     funnel_event,
     make_relay,
     query,
@@ -31,12 +30,6 @@ from tests.relay_helpers import (
     wait_until,
     write_events,
 )
-
-
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
 
 
 def snapshot(dsn: str, before: list[invariants.Written] | None = None) -> list[invariants.Written]:

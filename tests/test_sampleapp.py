@@ -39,7 +39,7 @@ from relay.db import sqlalchemy_url
 from relay.models import Base as RelayBase
 from relay.service import drain
 from relay.testing.fakecio import FakeCustomerIO
-from tests.relay_helpers import KEY, make_relay, query, relay_env
+from tests.relay_helpers import make_relay, query, relay_env
 from tests.test_outbox_async import _connect_args, sqlalchemy_async_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,12 +166,6 @@ def app() -> Iterator[SimpleNamespace]:
         for name in APP_MODULES:
             sys.modules.pop(name, None)
         sys.modules.update(saved)
-
-
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
 
 
 class PaymentDeclined(Exception):

@@ -47,12 +47,6 @@ def leaks(text: str, *secrets: str) -> list[str]:
     return found
 
 
-@pytest.fixture
-def cio() -> Iterator[FakeCustomerIO]:
-    with FakeCustomerIO(write_keys={KEY}) as server:
-        yield server
-
-
 def relay_env(dsn: str, url: str, **extra: str) -> dict[str, str]:
     return helpers_relay_env(dsn, url, key=SECRET, **extra)
 
