@@ -3,13 +3,16 @@
 ``python -m bench.bigtable [--quick] [--delivered N] [--customers N] [--dsn URL|embedded]``
 
 1. **Fill** (SQL, ``generate_series``, ``synchronous_commit = off``): ``--delivered`` rows
-   (5,000,000; 500,000 with ``--quick``) delivered 40 days ago, with one attempt row per 100
-   of them, then a pending backlog of ``--customers`` customers (50,000; 5,000) x 10 funnel
-   events = 20 rows each (identify + track per event): 1,000,000 rows (100,000). Bodies are
-   the relay's own mapping of ``bench.common.funnel_event`` (one template per funnel step,
-   with each row's customer and messageId written in), so rows have production size. The
-   pending rows are interleaved as 100 concurrent funnels write them. Then ``VACUUM
-   ANALYZE``, as a table autovacuum keeps up with.
+   (5,000,000; 500,000 with ``--quick``) delivered, spread over the 30 days from 59 to 30 days ago,
+   each day in its own partition (``relay_partition_create``, as the migration makes the days of a
+   table's history), with one attempt row per 100 of them in the same days, then a pending backlog
+   of ``--customers`` customers (50,000; 5,000) x 10 funnel events = 20 rows each (identify + track
+   per event): 1,000,000 rows (100,000). Bodies are the relay's own mapping of
+   ``bench.common.funnel_event`` (one template per funnel step, with each row's customer and
+   messageId written in), so rows have production size. The pending rows are interleaved as 100
+   concurrent funnels write them. Then ``VACUUM ANALYZE``, as a table autovacuum keeps up with, and
+   the claim's floor raised as a running relay raises it (``relay_outbox_floor_advance``), so the
+   claim skips the 30 old days.
 2. **Before**: table and index sizes, live and dead tuples, and the claim query
    (``EXPLAIN ANALYZE`` of ``OUTBOX_CLAIM_HEADS``, customers=100, rolled back).
 3. **Drain**: one ``relay run --drain`` (default settings, RELAY_CONCURRENCY included) against a
@@ -18,8 +21,8 @@
    end >= 80% of start). The claim query is timed again at 50% and 90% of the drain, from a
    side session (its locks are held for the statement only, then rolled back). The relay's
    peak RSS is its ``VmHWM``, read from /proc while it runs.
-4. **Purge**: ``relay purge --older-than 30d`` (timed), sizes and dead tuples after, then a
-   plain ``VACUUM`` (timed) and the sizes again.
+4. **Purge**: ``relay purge --older-than 30d`` (timed; it drops the 30 old days whole), sizes
+   and dead tuples after, then a plain ``VACUUM`` (timed) and the sizes again.
 
 The full size takes ~10 minutes on a 2-core machine; ``--quick`` about one.
 """
@@ -94,9 +97,12 @@ INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, project_id, 
 SELECT 'old-' || g, 'evt-old-' || (g / 2), t.kind, 'old_' || (g / 20), t.project_id,
        t.event_type,
        t.body || jsonb_build_object('userId', 'old_' || (g / 20), 'messageId', 'old-' || g),
-       now() - interval '40 days', now() - interval '40 days', 'delivered', 1,
-       now() - interval '40 days', now() - interval '40 days', now() - interval '40 days'
+       d.at, d.at, 'delivered', 1, d.at, d.at, d.at
 FROM generate_series(%(first)s, %(last)s) AS g
+CROSS JOIN LATERAL (
+    SELECT date_trunc('day', now() - interval '59 days', 'UTC')
+           + (g * 30 / %(delivered)s) * interval '1 day' + interval '12 hours' AS at
+) AS d
 JOIN jsonb_to_recordset(%(templates)s::jsonb)
      AS t(n int, step int, kind text, event_type text, project_id text, body jsonb)
   ON t.n = 1 + g %% 20
@@ -106,7 +112,10 @@ ORDER BY g
 _FILL_ATTEMPTS = """
 INSERT INTO relay_attempt (relay_instance, destination, started_at, latency_ms, status_code,
                            outcome, response_snippet, request_bytes, message_count, message_ids)
-SELECT 'bench-old', 'default', now() - interval '40 days', 5, 200, 'delivered', '{}',
+SELECT 'bench-old', 'default',
+       date_trunc('day', now() - interval '59 days', 'UTC')
+           + (b * 30 / %(batches)s) * interval '1 day' + interval '12 hours',
+       5, 200, 'delivered', '{}',
        60000, 100, ARRAY(SELECT generate_series(b * 100 + 1, b * 100 + 100)::bigint)
 FROM generate_series(0, %(batches)s - 1) AS b
 """
@@ -141,12 +150,23 @@ def fill(dsn: str, delivered: int, customers: int) -> dict[str, Any]:
     t0 = time.monotonic()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET synchronous_commit = off")
+        conn.execute(
+            "SELECT relay_partition_create(t, d::date)"
+            " FROM unnest(ARRAY['relay_outbox', 'relay_attempt']) AS t,"
+            " generate_series((now() AT TIME ZONE 'UTC')::date - 59,"
+            "                 (now() AT TIME ZONE 'UTC')::date - 30, interval '1 day') AS d"
+        )
         # In chunks: one statement of millions of rows would hold one huge transaction.
         step = 500_000
         for first in range(0, delivered, step):
             conn.execute(
                 _FILL_DELIVERED,
-                {"first": first, "last": min(first + step, delivered) - 1, "templates": templates},
+                {
+                    "first": first,
+                    "last": min(first + step, delivered) - 1,
+                    "delivered": delivered,
+                    "templates": templates,
+                },
             )
         conn.execute(_FILL_ATTEMPTS, {"batches": delivered // 100})
         conn.execute(_FILL_PENDING, {"rows": customers * 20, "templates": templates})
@@ -155,8 +175,13 @@ def fill(dsn: str, delivered: int, customers: int) -> dict[str, Any]:
         conn.execute("VACUUM (ANALYZE) relay_outbox")
         conn.execute("VACUUM (ANALYZE) relay_attempt")
         vacuum_s = time.monotonic() - t1
+        floor = [conn.execute(q.FLOOR_ADVANCE).fetchone() for _ in range(3)]
     checkpoint(dsn)
-    return {"fill_s": fill_s, "vacuum_analyze_s": vacuum_s}
+    return {
+        "fill_s": fill_s,
+        "vacuum_analyze_s": vacuum_s,
+        "floor_steps": [row[0] if row else None for row in floor],
+    }
 
 
 # --------------------------------------------------------------------------- measurements
@@ -167,20 +192,28 @@ def sizes(dsn: str) -> dict[str, Any]:
         # The cumulative statistics are flushed by backends at most once a second.
         time.sleep(1.2)
         conn.execute("SELECT pg_stat_clear_snapshot()")
+        # Summed over the partitions (a partitioned table has no storage of its own).
         row = conn.execute(
             """
-            SELECT pg_relation_size('relay_outbox'), pg_indexes_size('relay_outbox'),
-                   pg_total_relation_size('relay_outbox'), s.n_live_tup, s.n_dead_tup,
-                   s.autovacuum_count, s.vacuum_count,
-                   (SELECT count(*) FROM relay_outbox), pg_total_relation_size('relay_attempt'),
-                   (SELECT count(*) FROM relay_attempt)
-            FROM pg_stat_user_tables s WHERE s.relname = 'relay_outbox'
+            WITH outbox AS (SELECT relid FROM pg_partition_tree('relay_outbox') WHERE isleaf),
+                 attempt AS (SELECT relid FROM pg_partition_tree('relay_attempt') WHERE isleaf)
+            SELECT sum(pg_relation_size(s.relid)), sum(pg_indexes_size(s.relid)),
+                   sum(pg_total_relation_size(s.relid)), sum(s.n_live_tup), sum(s.n_dead_tup),
+                   sum(s.autovacuum_count), sum(s.vacuum_count),
+                   (SELECT count(*) FROM relay_outbox),
+                   (SELECT sum(pg_total_relation_size(relid)) FROM attempt),
+                   (SELECT count(*) FROM relay_attempt),
+                   count(*)
+            FROM pg_stat_user_tables s WHERE s.relid IN (SELECT relid FROM outbox)
             """
         ).fetchone()
+        # Each index of the parent, summed over its partitions' indexes.
         idx = conn.execute(
             """
-            SELECT indexrelname, pg_relation_size(indexrelid)
-            FROM pg_stat_user_indexes WHERE relname = 'relay_outbox' ORDER BY 1
+            SELECT p.relname, sum(pg_relation_size(t.relid))
+            FROM pg_class p, pg_partition_tree(p.oid) t
+            WHERE p.relkind = 'I' AND p.relname LIKE 'relay_outbox%%' AND t.isleaf
+            GROUP BY 1 ORDER BY 1
             """
         ).fetchall()
     assert row is not None
@@ -195,6 +228,7 @@ def sizes(dsn: str) -> dict[str, Any]:
         "rows": int(row[7]),
         "attempt_total_mb": row[8] / 2**20,
         "attempt_rows": int(row[9]),
+        "partitions": int(row[10]),
         "index_mb": {name: size / 2**20 for name, size in idx},
     }
 

@@ -386,7 +386,8 @@ def _claim_cost(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
     time.sleep(1.0)  # the cumulative statistics are flushed at most once a second
     dead = conn.execute(
-        "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'relay_outbox'"
+        "SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables"
+        " WHERE relid IN (SELECT relid FROM pg_partition_tree('relay_outbox'))"
     ).fetchone()
     row = conn.execute(
         "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q.OUTBOX_CLAIM_HEADS, {"customers": 100}

@@ -18,6 +18,7 @@ The message states are drawn once, in docs/design.md ("Message states"). In shor
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -51,10 +52,15 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 
 
 SCHEMA_MARKER = (
-    "relay schema relay_0005: the outbox of the AppFunnel relay; relay run and /readyz read the "
+    "relay schema relay_0006: the outbox of the AppFunnel relay; relay run and /readyz read the "
     "schema revision from this comment"
 )
 """``relay_outbox``'s comment: the newest revision script's marker (see migration relay_0005)."""
+
+PARTITION_NAME = re.compile(r"relay_(outbox|attempt)_(p[0-9]{8}|default)")
+"""The partitions of relay_outbox and relay_attempt (migration relay_0006): one per UTC day,
+``relay_outbox_p20261203``, and a DEFAULT one for rows outside the days that exist. They are
+created and dropped by the relay at run time, so no model names them."""
 
 
 class Base(DeclarativeBase):
@@ -74,7 +80,9 @@ class OutboxMessage(Base):
     __tablename__ = "relay_outbox"
 
     # Write order. Within one customer, writes are sequential, so id order is write order; across
-    # customers ids are not commit order, which is why nothing reads "rows after id N".
+    # customers ids are not commit order, which is why nothing reads "rows after id N". One
+    # identity sequence for every partition, so an id is unique on its own; the primary key
+    # adds occurred_at only because a partitioned table's unique keys must hold its key.
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     # The Customer.io messageId: derived from the event id, reused by every retry.
     message_id: Mapped[str] = mapped_column(Text, nullable=False)
@@ -87,7 +95,12 @@ class OutboxMessage(Base):
     event_type: Mapped[str] = mapped_column(Text, nullable=False)
     # The exact Customer.io batch item, messageId included.
     body: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
-    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # The event's own time: the partition key (one partition per UTC day, migration
+    # relay_0006). An event recorded twice carries the same occurred_at, so both copies meet
+    # in one partition, where the unique key turns the second away.
+    occurred_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), primary_key=True, nullable=False
+    )
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
@@ -117,8 +130,9 @@ class OutboxMessage(Base):
         CheckConstraint(_in("kind", MESSAGE_KINDS), name="kind"),
         CheckConstraint(_in("state", MESSAGE_STATES), name="state"),
         # Recording the same event twice writes nothing the second time: the messageId is
-        # derived from the event id, and inserts use ON CONFLICT (message_id) DO NOTHING.
-        Index("relay_outbox_message_id_key", "message_id", unique=True),
+        # derived from the event id, and inserts use ON CONFLICT (message_id, occurred_at) DO
+        # NOTHING (the partition key must be part of a unique key; see occurred_at).
+        Index("relay_outbox_message_id_key", "message_id", "occurred_at", unique=True),
         # The claim query: due rows in (next_attempt_at, id) order. Partial, so its size is the
         # backlog, not the history: millions of delivered rows cost it nothing.
         Index(
@@ -148,13 +162,11 @@ class OutboxMessage(Base):
         # Dead rows, for the dead-letter view and `relay retry`.
         Index("relay_outbox_dead_idx", "updated_at", postgresql_where=text("state = 'dead'")),
         {
-            # Every claim and mark is an UPDATE, so the table churns: vacuum early and without
-            # cost delay, or dead tuples pile up in the partial indexes the claim reads.
-            "postgresql_with": {
-                "autovacuum_vacuum_scale_factor": "0.01",
-                "autovacuum_vacuum_cost_delay": "0",
-                "autovacuum_analyze_scale_factor": "0.02",
-            },
+            # Daily partitions (migration relay_0006). Every claim and mark is an UPDATE, so the
+            # table churns: each partition is created with autovacuum settings that vacuum
+            # early and without cost delay, or dead tuples pile up in the partial indexes the
+            # claim reads (a partitioned table itself takes no storage parameters).
+            "postgresql_partition_by": "RANGE (occurred_at)",
             # The schema's revision, where every role can read it (relay run and /readyz:
             # relay.migrate.schema_problem). Each revision script sets it to its own id, and
             # this text follows the newest script.
@@ -171,7 +183,10 @@ class DeliveryAttempt(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     relay_instance: Mapped[str] = mapped_column(Text, nullable=False)
     destination: Mapped[str] = mapped_column(Text, nullable=False)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # The partition key (one partition per UTC day, dropped whole by retention).
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), primary_key=True, nullable=False
+    )
     latency_ms: Mapped[float] = mapped_column(nullable=False)
     status_code: Mapped[int | None] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(Text, nullable=False)
@@ -188,6 +203,39 @@ class DeliveryAttempt(Base):
         Index("relay_attempt_message_ids_idx", "message_ids", postgresql_using="gin"),
         # Time-range queries and retention purges.
         Index("relay_attempt_started_at_idx", "started_at"),
+        {"postgresql_partition_by": "RANGE (started_at)"},
+    )
+
+
+class OutboxFloor(Base):
+    """The claim's floor: no unfinished outbox row has an ``occurred_at`` before it.
+
+    One row. The claim reads ``unfinished_from`` in its own statement, and PostgreSQL skips
+    the partitions of older days at run time. Inserts and ``relay retry`` lower it; the relay
+    raises it in three steps (``relay_outbox_floor_advance``, migration relay_0006) so that it
+    is never raised past a row some transaction is still writing.
+    """
+
+    __tablename__ = "relay_outbox_floor"
+
+    one: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    unfinished_from: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # A raise in progress: the value it publishes, and the transactions it waits out.
+    raising_to: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    raise_xmax: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    __table_args__ = (
+        CheckConstraint("one", name="one"),
+        {
+            "comment": (
+                "No unfinished relay_outbox row has occurred_at before unfinished_from: the "
+                "claim skips older partitions. Lowered by inserts and relay retry, raised by "
+                "the relay."
+            )
+        },
     )
 
 

@@ -44,7 +44,7 @@ from relay import queries as q
 from relay.client import CustomerIOClient, Destination
 from relay.db import Conn, database_errors, relay_connection
 from relay.destinations import DEFAULT, Route, Router
-from relay.lease import Lease, LeaseKeeper
+from relay.lease import Lease, LeaseKeeper, span_params
 from relay.metrics import Metrics
 from relay.plan import ClaimedRow, ClaimPlan, plan_claim
 from relay.ratelimit import RateLimiter
@@ -151,6 +151,8 @@ class Relay:
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
         self.vacuum_disabled = settings.vacuum_interval_s <= 0
+        # Set when this login may not run the partition functions (see maintenance).
+        self.partitions_disabled = False
         # Each claiming thread's connection, with the thread.
         self._work_conns: list[tuple[threading.Thread, Conn]] = []
         self._svc_conn: Conn | None = None
@@ -354,6 +356,9 @@ class Relay:
     def vacuum_if_needed(self) -> bool:
         return maintenance.vacuum_if_needed(self)
 
+    def manage_partitions(self) -> dict[str, Any]:
+        return maintenance.manage_partitions(self)
+
     def count_active(self) -> tuple[int, int]:
         return maintenance.count_active(self)
 
@@ -386,11 +391,17 @@ class Relay:
                     if unsent:
                         released += conn.execute(
                             q.OUTBOX_RELEASE,
-                            {"ids": unsent, "token": lease.token, "delay_s": 0.0},
+                            {
+                                "ids": unsent,
+                                "token": lease.token,
+                                "delay_s": 0.0,
+                                **span_params([lease]),
+                            },
                         ).rowcount
                     if maybe_sent:
                         released += conn.execute(
-                            q.OUTBOX_RELEASE_MAYBE_SENT, {"ids": maybe_sent, "token": lease.token}
+                            q.OUTBOX_RELEASE_MAYBE_SENT,
+                            {"ids": maybe_sent, "token": lease.token, **span_params([lease])},
                         ).rowcount
             except BaseException:
                 with self._orphans_lock:
@@ -488,9 +499,18 @@ class Relay:
             ).fetchall()
             rows = [ClaimedRow(*v) for v in fetched]
             plan = plan_claim([h[1] for h in heads], rows, self.router.route)
-            lease = Lease(
-                plan.in_flight, self.settings.lease_s, claimed_at=claimed_at, clock=self.clock
+            occurred = [r.occurred_at for r in rows if r.occurred_at is not None]
+            span: tuple[Any, Any] = (
+                (min(occurred), max(occurred)) if occurred else ("-infinity", "infinity")
             )
+            lease = Lease(
+                plan.in_flight,
+                self.settings.lease_s,
+                claimed_at=claimed_at,
+                clock=self.clock,
+                span=span,
+            )
+            in_span = {"occ_lo": span[0], "occ_hi": span[1]}
             marks: list[tuple[int, str, int | None, bytes | None, str | None]] = [
                 (i, "in_flight", None, plan.rewritten.get(i), None) for i in plan.in_flight
             ]
@@ -512,10 +532,11 @@ class Relay:
                         "owner": self.instance,
                         "token": lease.token,
                         "lease_s": self.settings.lease_s,
+                        **in_span,
                     },
                 )
             for reason, ids in plan.held.items():
-                conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason})
+                conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason, **in_span})
                 log.warning(
                     "holding %d messages: %s",
                     len(ids),

@@ -30,6 +30,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from relay import queries as q
@@ -55,8 +56,13 @@ class Lease:
         *,
         claimed_at: float,
         clock: Callable[[], float] = time.monotonic,
+        span: tuple[Any, Any] = ("-infinity", "infinity"),
     ) -> None:
         self.token = secrets.randbits(63)
+        # The earliest and latest occurred_at of the claim's rows: every statement that names
+        # them by id passes it (queries.SPAN), so only those days' partitions are read. The
+        # default (unbounded) is right for any rows, only slower.
+        self.span = span
         self.lease_s = lease_s
         self.clock = clock
         self._lock = threading.Lock()
@@ -153,7 +159,12 @@ def renew(
     with conn.transaction():
         rows = conn.execute(
             q.OUTBOX_EXTEND_LEASE,
-            {"ids": all_ids, "tokens": [lease.token for lease, _ in asked], "lease_s": lease_s},
+            {
+                "ids": all_ids,
+                "tokens": [lease.token for lease, _ in asked],
+                "lease_s": lease_s,
+                **span_params([lease for lease, _ in asked]),
+            },
         ).fetchall()
     held: dict[int, set[int]] = {}
     for row_id, token in rows:
@@ -170,6 +181,15 @@ def renew(
             extra={**(log_fields or {}), "messages": lost},
         )
     return lost
+
+
+def span_params(leases: Sequence[Lease]) -> dict[str, Any]:
+    """``occ_lo`` and ``occ_hi`` (queries.SPAN) covering every lease in ``leases``."""
+    los = [lease.span[0] for lease in leases]
+    his = [lease.span[1] for lease in leases]
+    if all(isinstance(v, datetime) for v in (*los, *his)):
+        return {"occ_lo": min(los), "occ_hi": max(his)}
+    return dict(q.ANY_SPAN)
 
 
 class LeaseKeeper(threading.Thread):

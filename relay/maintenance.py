@@ -1,4 +1,5 @@
-"""The relay's background services: lease rescue, held release, vacuum, backlog metrics.
+"""The relay's background services: lease rescue, held release, partitions and the claim's
+floor, vacuum, backlog metrics.
 
 Each is one function of the relay, run periodically by the scheduler (``relay.service``) on
 the services connection. None of them sends anything; they only make rows claimable again or
@@ -53,6 +54,49 @@ def release_held(relay: Relay) -> int:
         )
         relay.wake()
     return len(rows)
+
+
+PARTITION_AHEAD_DAYS = 3
+"""Days of partitions kept ready beyond today: a relay down for longer leaves the events of
+the days after in the DEFAULT partition, from where the next run's creation moves them."""
+
+
+def manage_partitions(relay: Relay) -> dict[str, Any]:
+    """Create the coming days' partitions, then take the claim's floor up to three steps on
+    (publish, note the running transactions, raise: each its own transaction, see
+    ``relay_outbox_floor_advance``). Returns ``{"created": n, "floor": [steps]}``."""
+    done: dict[str, Any] = {"created": 0, "floor": []}
+    if relay.partitions_disabled:
+        return done
+    try:
+        with relay.svc() as conn:
+            with conn.transaction():
+                row = conn.execute(
+                    q.PARTITIONS_ENSURE, {"ahead_days": PARTITION_AHEAD_DAYS}
+                ).fetchone()
+            done["created"] = int(row[0]) if row else 0
+            for _ in range(3):
+                with conn.transaction():
+                    step = conn.execute(q.FLOOR_ADVANCE).fetchone()
+                done["floor"].append(step[0] if step else None)
+                if done["floor"][-1] in ("unchanged", "waiting", "raised"):
+                    break
+    except psycopg.errors.InsufficientPrivilege as exc:
+        relay.partitions_disabled = True
+        log.warning(
+            "not managing partitions (%s): grant relay_worker EXECUTE on "
+            "relay_partitions_ensure and relay_outbox_floor_advance (migration relay_0006)",
+            first_line(str(exc)),
+            extra=relay.log_fields(),
+        )
+        return done
+    except psycopg.errors.LockNotAvailable as exc:
+        # A long transaction held the DEFAULT partition: the next run tries again.
+        log.warning("partition creation waited too long for a lock: %s", first_line(str(exc)))
+        return done
+    if done["created"]:
+        log.info("created %d day partitions", done["created"], extra=relay.log_fields())
+    return done
 
 
 def refresh_metrics(relay: Relay) -> dict[str, Any]:

@@ -943,6 +943,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
             {
                 "messages": totals["messages"],
                 "attempts": totals["attempts"],
+                "partitions": totals["partitions"],
+                "partition_rows_estimated": totals["partition_rows"],
                 "older_than": args.older_than,
                 "include_dead": args.include_dead,
             }
@@ -953,6 +955,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
         f"purged {totals['messages']} messages ({kinds}) and {totals['attempts']} attempts "
         f"older than {args.older_than}"
     )
+    if totals["partitions"]:
+        print(
+            f"dropped {totals['partitions']} day partitions older than {args.older_than} "
+            f"(about {totals['partition_rows']} rows)"
+        )
     return 0
 
 

@@ -68,6 +68,9 @@ class ClaimedRow:
     # The database's structural check of the body passed (OUTBOX_CLAIM_FOLLOWERS): a track
     # that passes is sent as stored without being parsed here.
     shape_ok: bool = False
+    # The partition key: the claim's span of these (Lease.span) keeps its updates to the days
+    # the rows are in.
+    occurred_at: datetime | None = None
 
 
 @dataclass(frozen=True)

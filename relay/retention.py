@@ -6,12 +6,21 @@ most ``batch_size`` rows, and it only deletes rows no relay will touch again.
 
 What is deleted, given a cutoff of now minus ``older_than_s``:
 
-- messages that are delivered, coalesced or cancelled (and dead ones with ``include_dead``)
-  and last changed before the cutoff. A coalesced message is kept while the message carrying
-  its traits is unfinished. Pending, retrying, in-flight and held messages are never deleted.
+- whole days first (migration relay_0006 partitions both tables by UTC day): a day of the
+  outbox wholly older than the cutoff is dropped when none of its messages is unfinished
+  (pending, retrying, in flight, held) nor dead (unless ``include_dead``); a day of attempt
+  rows wholly older than the cutoff is dropped whatever its messages became. A drop costs the
+  same for ten rows or ten million, and leaves no dead tuples behind. A day holding an
+  unfinished message stays whole until that message is finished: the claim still reaches it
+  (the claim's floor is at or below its day). A day holding a dead message stays until the
+  message is retried, cancelled, or purged with ``include_dead``.
+- then, row by row, what the drops left: messages that are delivered, coalesced or cancelled
+  (and dead ones with ``include_dead``) and last changed before the cutoff. A coalesced message is
+  kept while the message carrying its traits is unfinished. Pending, retrying, in-flight and held
+  messages are never deleted.
 - attempt rows started before the cutoff, whatever became of their messages.
 
-Messages are walked in id windows of ``batch_size`` rows, so each statement reads a bounded
+The rows left are walked in id windows of ``batch_size`` rows, so each statement reads a bounded
 range of the primary key; the walk ends at the first window written entirely after the cutoff.
 """
 
@@ -66,8 +75,10 @@ def purge(
 ) -> dict[str, int]:
     """Delete finished messages and attempt rows older than ``older_than_s`` seconds.
 
-    Returns ``{"messages": n, "attempts": m}``, the rows deleted. ``progress``, if given, is
-    called after every batch that deleted something with the running totals (same keys).
+    Returns ``{"messages": n, "attempts": m, "partitions": p, "partition_rows": r}``: the rows
+    deleted one by one, the day partitions dropped, and the rows those held (estimated from the
+    planner's statistics: counting them would read them). ``progress``, if given, is called
+    after every batch that deleted something with the running totals (same keys).
     Raises ``DatabaseUnavailable`` when the database cannot be reached.
     """
     if not older_than_s > 0:
@@ -75,7 +86,7 @@ def purge(
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ConfigError(f"batch size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}")
     states = [*PURGEABLE_STATES, "dead"] if include_dead else list(PURGEABLE_STATES)
-    totals = {"messages": 0, "attempts": 0}
+    totals = {"messages": 0, "attempts": 0, "partitions": 0, "partition_rows": 0}
     with connect(dsn, autocommit=True, application_name="relay purge") as conn:
         # Each window runs with different parameters; a prepared generic plan would gain
         # nothing and could lose the primary-key range scan.
@@ -107,6 +118,26 @@ def _purge(
     progress: Progress | None,
 ) -> None:
     cutoff: datetime = _one(conn, q.RETENTION_CUTOFF, {"older_than_s": older_than_s})[0]
+
+    try:
+        dropped = conn.execute(
+            q.PARTITIONS_DROP, {"cutoff": cutoff, "include_dead": "dead" in states}
+        ).fetchall()
+    except psycopg.errors.LockNotAvailable as exc:
+        # A transaction held the outbox for over a second (lock_timeout): dropping would have
+        # queued every insert and claim behind it. The days wait for the next purge.
+        log.warning("retention: no day dropped this time: %s", first_line(str(exc)))
+        dropped = []
+    if dropped:
+        totals["partitions"] += len(dropped)
+        totals["partition_rows"] += sum(int(n) for _, n in dropped)
+        log.info(
+            "retention: dropped %d day partitions (%s), about %d rows",
+            len(dropped),
+            ", ".join(name for name, _ in dropped),
+            totals["partition_rows"],
+        )
+        _report(progress, totals)
 
     after = 0
     while True:

@@ -38,7 +38,7 @@ from relay import queries as q
 from relay.batching import bisect, plan_chains
 from relay.client import SendResult
 from relay.destinations import DEFAULT, Route
-from relay.lease import Lease
+from relay.lease import Lease, span_params
 from relay.limits import MAX_BATCH_BYTES
 from relay.plan import DestinationWork, Item
 from relay.ratelimit import AcquireStopped
@@ -307,12 +307,22 @@ class Sender:
                 if held_because:
                     conn.execute(
                         q.OUTBOX_HOLD_CLAIMED,
-                        {"ids": leftovers, "token": lease.token, "reason": held_because},
+                        {
+                            "ids": leftovers,
+                            "token": lease.token,
+                            "reason": held_because,
+                            **span_params([lease]),
+                        },
                     )
                 else:
                     conn.execute(
                         q.OUTBOX_RELEASE,
-                        {"ids": leftovers, "token": lease.token, "delay_s": 0.0},
+                        {
+                            "ids": leftovers,
+                            "token": lease.token,
+                            "delay_s": 0.0,
+                            **span_params([lease]),
+                        },
                     )
             lease.finished(leftovers)
             result.released += len(leftovers)
@@ -445,7 +455,7 @@ class Sender:
                         },
                     )
                     if rows:
-                        record_outcomes(conn, rows, lease.token)
+                        record_outcomes(conn, rows, lease)
                     if throttle_s is not None:
                         conn.execute(
                             q.THROTTLE_SET,
@@ -464,7 +474,7 @@ class Sender:
         lease.finished(r.row_id for r in rows)
 
 
-def record_outcomes(conn: Conn, rows: Sequence[RowOutcome], token: int) -> None:
+def record_outcomes(conn: Conn, rows: Sequence[RowOutcome], lease: Lease) -> None:
     """OUTBOX_RECORD_OUTCOMES for ``rows`` (sorted by id), fenced on the claim's token."""
     conn.execute(
         q.OUTBOX_RECORD_OUTCOMES,
@@ -474,6 +484,7 @@ def record_outcomes(conn: Conn, rows: Sequence[RowOutcome], token: int) -> None:
             "attempted": [r.attempted for r in rows],
             "delays": [r.delay_s for r in rows],
             "errors": [r.error for r in rows],
-            "token": token,
+            "token": lease.token,
+            **span_params([lease]),
         },
     )

@@ -329,6 +329,16 @@ class Service:
         sch.add_job(
             _guard("metrics", self.relay.refresh_metrics), "interval", seconds=5, id="metrics"
         )
+        # Partitions ahead and the claim's floor: a floor raise takes two runs at least (it
+        # waits out the transactions running when it was published).
+        sch.add_job(
+            _guard("partitions", self.relay.manage_partitions),
+            "interval",
+            seconds=30,
+            id="partitions",
+            executor="slow",
+            next_run_time=now,
+        )
         if s.retention_days:
             from relay.retention import purge
 

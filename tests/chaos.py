@@ -417,7 +417,7 @@ INSERT INTO relay_outbox
     (message_id, event_id, kind, customer_key, project_id, event_type, body, occurred_at)
 VALUES (%(message_id)s, %(event_id)s, %(kind)s, %(customer)s, NULL, 'chaos.poison',
         %(body)s::jsonb, now())
-ON CONFLICT (message_id) DO NOTHING
+ON CONFLICT DO NOTHING
 """
 
 

@@ -592,6 +592,8 @@ def test_every_reporting_command_has_json(dsn: str) -> None:
     assert purged == {
         "messages": 0,
         "attempts": 0,
+        "partitions": 0,
+        "partition_rows_estimated": 0,
         "older_than": "30d",
         "include_dead": False,
     }

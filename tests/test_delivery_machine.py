@@ -11,6 +11,12 @@ sending (relay 0 claims up to 4 customers at a time and keeps up to 2 claims in 
 sending thread; relay 1 claims 2 customers at a time, so the four customers make two claims,
 and keeps up to 3 in flight on two threads), and is stopped at any point as SIGTERM stops it.
 
+The outbox is partitioned by day (migration relay_0006): writes are dated today, days back or
+ahead (``AGES``), so a customer's messages lie in several days' partitions and in the DEFAULT
+one; ``advance_floor`` raises the claim's floor one step at a time, ``create_days`` creates
+days ahead, moving rows (some in flight) out of the DEFAULT partition, and a late write lowers
+the floor again. The invariants below are the same whatever the partitions do.
+
 Time is the relays' fake monotonic clock plus back-dated database columns, never sleeps:
 ``expire_leases`` moves the relays' clock past the lease and back-dates every in-flight lease
 in the database, as if the lease period had passed.
@@ -31,6 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -47,6 +54,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from relay import queries as q
 from relay import record_event
 from relay.daemon import Relay
 from relay.errors import DatabaseUnavailable
@@ -71,6 +79,9 @@ FAULTS = (
     "trickle",
 )
 CUSTOMERS = ("c1", "c2", "c3", "c4")
+# How many days before today a write is dated: today, days with a partition, days older than
+# every partition (DEFAULT), days ahead of them (DEFAULT until create_days).
+AGES = (0, 0, 1, 3, 9, 40, -6)
 POISON = ("[1, 2]", "null", '"x"', '{"type": "identify"}', '{"type": "track", "userId": "c"}')
 
 
@@ -114,6 +125,15 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.n = 0
         with psycopg.connect(self.dsn) as conn:
             conn.execute("TRUNCATE relay_outbox, relay_attempt, relay_throttle RESTART IDENTITY")
+            conn.execute(
+                "UPDATE relay_outbox_floor SET unfinished_from = '-infinity',"
+                " raising_to = '-infinity', raise_xmax = NULL"
+            )
+            conn.execute(
+                "SELECT relay_partition_create('relay_outbox', d::date)"
+                " FROM generate_series((now() AT TIME ZONE 'UTC')::date - 12,"
+                " (now() AT TIME ZONE 'UTC')::date, interval '1 day') AS d"
+            )
 
     def new_relay(self, index: int) -> Relay:
         # Relay 0: claims of 4 customers, two in flight on one sending thread. Relay 1: claims
@@ -152,13 +172,16 @@ class DeliveryMachine(RuleBasedStateMachine):
         events=st.integers(1, 3),
         rollback=st.booleans(),
         reject=st.booleans(),
+        age=st.sampled_from(AGES),
     )
-    def write(self, customer: str, events: int, rollback: bool, reject: bool) -> None:
+    def write(self, customer: str, events: int, rollback: bool, reject: bool, age: int) -> None:
         batch = []
+        when = datetime.now(UTC) - timedelta(days=age)
         for _ in range(events):
             self.n += 1
             extra = {"reject": True} if reject and self.n % 4 == 0 else {}
             e = funnel_event(customer, self.n, **extra)
+            e["occurred_at"] = (when + timedelta(seconds=self.n)).isoformat()
             e["id"] = f"evt_{uuid.uuid4().hex[:8]}"
             e["customer"]["name"] = f"Name {self.n}"
             e["customer"]["city"] = f"City {self.n % 3}"
@@ -197,6 +220,18 @@ class DeliveryMachine(RuleBasedStateMachine):
         assert row is not None
         self.written.append(invariants.Written(row[0], mid, customer, kind, row[1]))
         self.poison.add(mid)
+
+    # --- partitions and the claim's floor ------------------------------------------------------
+
+    @rule()
+    def advance_floor(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(q.FLOOR_ADVANCE)
+
+    @rule(ahead=st.integers(3, 8))
+    def create_days(self, ahead: int) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(q.PARTITIONS_ENSURE, {"ahead_days": ahead})
 
     # --- relays -----------------------------------------------------------------------------
 
@@ -303,7 +338,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         delivery loop, its claims overlapping, until ``stop_after`` requests reached the server
         (or it is idle); then SIGTERM, as ``Service.stop`` handles it."""
         for customer in burst:
-            self.write(customer, 1, rollback=False, reject=False)
+            self.write(customer, 1, rollback=False, reject=False, age=0)
         r = self.relays[relay]
         self._script(faults)
         loop = DeliveryLoop(r)

@@ -67,6 +67,7 @@ def claim(conn: Conn, ids: Sequence[int], lease: Lease, *, owner: str = "relay-1
             "owner": owner,
             "token": lease.token,
             "lease_s": lease.lease_s,
+            **q.ANY_SPAN,
         },
     )
 
@@ -108,6 +109,7 @@ def record_delivered(conn: Conn, ids: Sequence[int], token: int) -> int:
             "delays": [0.0] * len(ids),
             "errors": [None] * len(ids),
             "token": token,
+            **q.ANY_SPAN,
         },
     )
     return cur.rowcount

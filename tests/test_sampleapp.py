@@ -20,6 +20,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -335,7 +336,8 @@ def expected_message_ids(
     return sorted(
         m.message_id
         for order_id, customer, amount in committed
-        for m in map_event(app.shop.purchase_event(order_id, customer, amount))
+        # (A messageId comes from the event id alone: any time will do here.)
+        for m in map_event(app.shop.purchase_event(order_id, customer, amount, datetime.now(UTC)))
     )
 
 
@@ -363,7 +365,11 @@ def test_sample_app_migrates_records_and_the_relay_delivers_only_what_committed(
     # The event id comes from the order id: the same order's event recorded again is a no-op.
     order_id, customer, amount = committed[0]
     with psycopg.connect(empty_dsn) as conn:
-        again = record_event(conn, shop.purchase_event(order_id, customer, amount))
+        placed_at = conn.execute(
+            "SELECT created_at FROM orders WHERE id = %s", (order_id,)
+        ).fetchone()
+        assert placed_at is not None
+        again = record_event(conn, shop.purchase_event(order_id, customer, amount, placed_at[0]))
         conn.commit()
     assert (again.written, again.skipped) == (0, "duplicate")
     order_ids = {r[0] for r in query(empty_dsn, "SELECT id FROM orders")}

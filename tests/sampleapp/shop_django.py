@@ -15,9 +15,9 @@ def place_order_django(customer: dict[str, Any], amount_cents: int) -> int:
     with connection.cursor() as cursor:  # a model's save() runs in the same block just as well
         cursor.execute(
             "INSERT INTO orders (customer_id, amount_cents, currency) VALUES (%s, %s, 'USD')"
-            " RETURNING id",
+            " RETURNING id, created_at",
             [customer["id"], amount_cents],
         )
-        (order_id,) = cursor.fetchone()
-    record_event(connection, purchase_event(order_id, customer, amount_cents))
+        order_id, placed_at = cursor.fetchone()
+    record_event(connection, purchase_event(order_id, customer, amount_cents, placed_at))
     return int(order_id)
