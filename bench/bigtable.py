@@ -254,6 +254,21 @@ def claim_explain(dsn: str) -> dict[str, Any]:
     }
 
 
+def status_timing(dsn: str, runs: int = 5) -> dict[str, Any]:
+    """``relay status``'s two statements (the exact backlog, the estimate from statistics), as
+    the command runs them on one connection: median and max of ``runs`` runs, in ms."""
+    times = []
+    with psycopg.connect(dsn) as conn:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            conn.execute(q.OUTBOX_STATUS_BACKLOG).fetchall()
+            conn.execute(q.OUTBOX_STATUS_ESTIMATE).fetchall()
+            times.append((time.perf_counter() - t0) * 1000)
+            conn.rollback()
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "max_ms": times[-1], "runs_ms": times}
+
+
 def _vm_hwm_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as status:
@@ -381,7 +396,7 @@ def purge(dsn: str) -> dict[str, Any]:
     return {
         "seconds": time.monotonic() - t0,
         "exit_code": done.returncode,
-        "output": (done.stdout + done.stderr).strip().splitlines()[-3:],
+        "output": (done.stdout + done.stderr).strip().splitlines()[-4:],
     }
 
 
@@ -414,9 +429,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         phases["fill"] = fill(db.dsn, delivered, customers)
         phases["before"] = sizes(db.dsn)
         phases["claim_before"] = claim_explain(db.dsn)
+        phases["status_before"] = status_timing(db.dsn)
         print("draining ...", file=sys.stderr, flush=True)
         phases["drain"] = drain(db.dsn, args.timeout)
         phases["after_drain"] = sizes(db.dsn)
+        phases["status_after"] = status_timing(db.dsn)
         print("purging ...", file=sys.stderr, flush=True)
         phases["purge"] = purge(db.dsn)
         phases["after_purge"] = sizes(db.dsn)
@@ -528,6 +545,11 @@ def render(p: dict[str, Any]) -> str:
         f"{100 * p['target']['end_over_start']:.0f}%): "
         + ("met." if ratio >= p["target"]["end_over_start"] else "NOT met."),
     ]
+    sb, sa = p["status_before"], p["status_after"]
+    out.append(
+        f"relay status (its two statements, median of {len(sb['runs_ms'])}): "
+        f"{sb['median_ms']:.1f} ms with the backlog, {sa['median_ms']:.1f} ms after the drain"
+    )
     pu = p["purge"]
     out.append(f"relay purge exit {pu['exit_code']}: {' / '.join(pu['output'])}")
     out += footer(p, shared_machine_note=False)
