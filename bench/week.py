@@ -13,9 +13,11 @@ At the end of each day:
 1. the writer stops and the backlog drains (seconds to drain: what the relay was behind);
 2. **claim**: the relay is paused (SIGSTOP), a probe backlog of 100 customers x 2 rows is
    written into the day, ``OUTBOX_CLAIM_HEADS`` (customers=100) is run three times under
-   ``EXPLAIN ANALYZE`` and rolled back (median execution time, and the partitions it read),
+   ``EXPLAIN ANALYZE`` and rolled back (median execution time, planning time apart, and the
+   partitions it read),
    then the probe rows are cancelled and the relay resumed;
-3. **retention**: ``relay purge`` with a cutoff at the start of the oldest day to keep
+3. **retention**: ``relay.retention.purge`` (what ``relay purge`` and the relay's hourly
+   retention run), in this process, with a cutoff at the start of the oldest day to keep
    (``--keep-days``, in simulated time), timed; it drops whole days;
 4. **size**: the outbox's table plus indexes, summed over its partitions.
 
@@ -28,7 +30,6 @@ is reported, not judged.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -58,6 +59,7 @@ from bench.common import (
 from bench.drain import FakeServer
 from relay import queries as q
 from relay import record_event
+from relay.retention import purge
 
 DAYS = 7
 SIZE_TARGET = 0.10
@@ -144,7 +146,7 @@ def _claim(dsn: str, day: int) -> dict[str, Any]:
             {"day": day, "at": at},
         )
         conn.commit()
-        times, read = [], set()
+        times, planning, read = [], [], set()
         for _ in range(3):
             row = conn.execute(
                 "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q.OUTBOX_CLAIM_HEADS,
@@ -153,7 +155,8 @@ def _claim(dsn: str, day: int) -> dict[str, Any]:
             conn.rollback()
             assert row is not None
             plan = row[0][0]
-            times.append(float(plan["Execution Time"]) + float(plan["Planning Time"]))
+            times.append(float(plan["Execution Time"]))
+            planning.append(float(plan["Planning Time"]))
             read |= _partitions_read(plan["Plan"])
         conn.execute(
             "UPDATE relay_outbox SET state = 'cancelled' WHERE message_id LIKE 'probe-%%'"
@@ -165,6 +168,8 @@ def _claim(dsn: str, day: int) -> dict[str, Any]:
     return {
         "ms": statistics.median(times),
         "runs_ms": times,
+        # The relay prepares its statements; an EXPLAIN plans afresh each time.
+        "planning_ms": statistics.median(planning),
         "partitions_read": sorted(read),
         "floor": floor[0] if floor else None,
     }
@@ -187,27 +192,16 @@ def _purge(dsn: str, keep_from: datetime) -> dict[str, Any]:
     # The cutoff lands a minute after the first day kept begins: that day and later ones are
     # not wholly older than it; every earlier day is.
     older_than_s = (row[0] - keep_from).total_seconds() - 60
+    # In this process: what `relay purge` and the relay's hourly retention run, without the
+    # interpreter's start-up.
     t0 = time.monotonic()
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "relay.cli", "purge"),
-            *("--older-than", f"{older_than_s:.0f}s", "--json"),
-        ],
-        cwd=REPO_ROOT,
-        env={**os.environ, "DATABASE_URL": dsn},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    seconds = time.monotonic() - t0
-    out = json.loads(done.stdout) if done.returncode == 0 else {}
+    totals = purge(dsn, older_than_s)
     return {
-        "seconds": seconds,
-        "exit_code": done.returncode,
-        "partitions": out.get("partitions"),
-        "rows": out.get("partition_rows_estimated"),
-        "messages_row_by_row": out.get("messages"),
-        "stderr": done.stderr.strip().splitlines()[-2:],
+        "seconds": time.monotonic() - t0,
+        "partitions": totals["partitions"],
+        "rows": totals["partition_rows"],
+        "messages_row_by_row": totals["messages"],
+        "attempts_row_by_row": totals["attempts"],
     }
 
 
@@ -342,6 +336,7 @@ def render(p: dict[str, Any]) -> str:
             d["outbox_mb"],
             d["attempt_mb"],
             d["claim"]["ms"],
+            d["claim"]["planning_ms"],
             len(d["claim"]["partitions_read"]),
             d["purge"]["seconds"],
             d["purge"]["partitions"],
@@ -362,6 +357,7 @@ def render(p: dict[str, Any]) -> str:
                 "outbox MB",
                 "attempt log MB",
                 "claim ms",
+                "claim planning ms",
                 "partitions claim read",
                 "purge s",
                 "partitions dropped",

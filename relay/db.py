@@ -110,9 +110,12 @@ def _without_passwords(message: str, dsn: str) -> str:
 def connect(
     dsn: str, *, autocommit: bool = False, application_name: str = "relay"
 ) -> psycopg.Connection[tuple[object, ...]]:
-    """A relay connection. Bookkeeping commits asynchronously (see queries.py)."""
+    """A connection of the relay's commands (purge, the operator commands), JIT off
+    (``queries.SESSION_NO_JIT``)."""
+    from relay import queries as q
+
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             dsn,
             autocommit=autocommit,
             application_name=application_name,
@@ -122,6 +125,14 @@ def connect(
         raise DatabaseUnavailable(
             f"cannot connect to the database at {redact_dsn(dsn)}: {first_line(str(exc))}"
         ) from exc
+    try:
+        conn.execute(q.SESSION_NO_JIT)
+        if not autocommit:
+            conn.commit()
+    except psycopg.OperationalError as exc:
+        conn.close()
+        raise DatabaseUnavailable(f"database connection lost: {first_line(str(exc))}") from exc
+    return conn
 
 
 def first_line(text: str) -> str:
@@ -134,7 +145,7 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 def relay_connection(dsn: str, purpose: str, instance: str) -> Conn:
     """One of the relay's own connections (claim, send, services, lease, listen).
 
-    Its bookkeeping commits asynchronously (``SESSION_ASYNC_COMMIT``). Every failure to get a
+    Its bookkeeping commits asynchronously, and JIT is off (``SESSION_ASYNC_COMMIT``). Every failure to get a
     working session is ``DatabaseUnavailable``: the session can also be cut between connect and
     its first statement (a restart, ``pg_terminate_backend``), which is an outage, not a crash.
     """

@@ -568,3 +568,16 @@ def test_relay_worker_runs_the_partition_functions(
     with psycopg.connect(worker, autocommit=True) as conn:
         assert conn.execute(q.PARTITIONS_ENSURE, {"ahead_days": 3}).fetchone() is not None
         assert conn.execute(q.FLOOR_ADVANCE).fetchone() is not None
+
+
+def test_the_relays_sessions_run_without_jit(dsn: str) -> None:
+    # On the partitioned outbox a purge window's estimated cost passes jit_above_cost, and
+    # compiling it took seconds for a statement that runs in milliseconds.
+    from relay.db import connect, relay_connection
+
+    with relay_connection(dsn, "test", "jit") as conn:
+        assert conn.execute("SHOW jit").fetchone() == ("off",)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    for autocommit in (False, True):
+        with connect(dsn, autocommit=autocommit) as conn:
+            assert conn.execute("SHOW jit").fetchone() == ("off",)
