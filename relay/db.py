@@ -145,9 +145,10 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 def relay_connection(dsn: str, purpose: str, instance: str) -> Conn:
     """One of the relay's own connections (claim, send, services, lease, listen).
 
-    Its bookkeeping commits asynchronously, and JIT is off (``SESSION_ASYNC_COMMIT``). Every failure to get a
-    working session is ``DatabaseUnavailable``: the session can also be cut between connect and
-    its first statement (a restart, ``pg_terminate_backend``), which is an outage, not a crash.
+    Its bookkeeping commits asynchronously, and JIT is off (``SESSION_ASYNC_COMMIT``). Every
+    failure to get a working session is ``DatabaseUnavailable``: the session can also be cut
+    between connect and its first statement (a restart, ``pg_terminate_backend``), which is an
+    outage, not a crash.
     """
     from relay import queries as q
 
