@@ -10,12 +10,12 @@ a slow service, so it runs on a thread and connection of its own (``relay.lease`
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 
 from relay import queries as q
-from relay.db import first_line
+from relay.db import connect, first_line
 from relay.errors import DatabaseUnavailable
 from relay.models.states import UNFINISHED_STATES
 
@@ -69,15 +69,16 @@ def manage_partitions(relay: Relay) -> dict[str, Any]:
     if relay.partitions_disabled:
         return done
     try:
-        with relay.svc() as conn:
-            with conn.transaction():
-                row = conn.execute(
-                    q.PARTITIONS_ENSURE, {"ahead_days": PARTITION_AHEAD_DAYS}
-                ).fetchone()
-            done["created"] = int(row[0]) if row else 0
+        # Autocommit: each call's locks (the floor row, a partition being attached) end with
+        # the statement on the server, even if this process stalls before it could COMMIT;
+        # an application inserting a late event may be waiting for that floor row.
+        with connect(
+            relay.dsn, autocommit=True, application_name=f"relay partitions {relay.instance}"
+        ) as conn:
+            row = conn.execute(q.PARTITIONS_ENSURE, {"ahead_days": PARTITION_AHEAD_DAYS}).fetchone()
+            done["created"] = cast(int, row[0]) if row else 0
             for _ in range(3):
-                with conn.transaction():
-                    step = conn.execute(q.FLOOR_ADVANCE).fetchone()
+                step = conn.execute(q.FLOOR_ADVANCE).fetchone()
                 done["floor"].append(step[0] if step else None)
                 if done["floor"][-1] in ("unchanged", "waiting", "raised"):
                     break
@@ -91,9 +92,12 @@ def manage_partitions(relay: Relay) -> dict[str, Any]:
         )
         return done
     except psycopg.errors.LockNotAvailable as exc:
-        # A long transaction held the DEFAULT partition: the next run tries again.
-        log.warning("partition creation waited too long for a lock: %s", first_line(str(exc)))
+        # A long transaction held the DEFAULT partition, or the floor row (an application
+        # transaction that wrote a late event): the next run tries again.
+        log.warning("partitions: waited too long for a lock: %s", first_line(str(exc)))
         return done
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"partitions: {first_line(str(exc))}") from exc
     if done["created"]:
         log.info("created %d day partitions", done["created"], extra=relay.log_fields())
     return done

@@ -367,7 +367,7 @@ def test_an_insert_during_a_raise_holds_the_raise_until_it_commits(dsn: str) -> 
     steps: list[str] = []
     raising = threading.Thread(target=lambda: steps.extend(_advance(dsn, steps=1)))
     raising.start()
-    raising.join(timeout=1.0)
+    raising.join(timeout=0.3)  # (the raise gives up after 1 s: lock_timeout)
     assert raising.is_alive()  # waits for the writer, which holds the floor row
     writer.commit()
     writer.close()

@@ -421,6 +421,9 @@ DECLARE
     cap timestamptz := ((now() AT TIME ZONE 'UTC')::date - 1)::timestamp AT TIME ZONE 'UTC';
     candidate timestamptz;
 BEGIN
+    -- An application transaction that lowered the floor holds its row until it commits: give
+    -- up after a second rather than hold the relay's maintenance behind it.
+    PERFORM set_config('lock_timeout', '1s', true);
     SELECT * INTO f FROM relay_outbox_floor FOR UPDATE;
     IF f.raising_to <= f.unfinished_from THEN
         candidate := least(coalesce(relay_outbox_oldest_unfinished(), cap), cap);
