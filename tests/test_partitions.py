@@ -581,3 +581,27 @@ def test_the_relays_sessions_run_without_jit(dsn: str) -> None:
     for autocommit in (False, True):
         with connect(dsn, autocommit=autocommit) as conn:
             assert conn.execute("SHOW jit").fetchone() == ("off",)
+
+
+def test_the_relay_gives_up_on_the_floor_while_an_application_holds_it(
+    dsn: str, cio: Any
+) -> None:
+    _make_days(dsn, TODAY - timedelta(days=8), TODAY)
+    _advance(dsn)
+    # An application transaction writes a late event: it lowers the floor and holds the floor
+    # row until it commits.
+    writer = psycopg.connect(dsn)
+    late = _day_start(TODAY - timedelta(days=5))
+    record_event(writer, _event("cus_late", 1, late))
+    relay = make_relay(dsn, cio)
+    try:
+        started = time.monotonic()
+        done = relay.manage_partitions()
+        waited = time.monotonic() - started
+    finally:
+        relay.close()
+        writer.commit()
+        writer.close()
+    assert done["floor"] == []  # gave up on the lock, nothing raised
+    assert waited < 5.0
+    assert _floor(dsn) == late
