@@ -461,7 +461,8 @@ def render(p: dict[str, Any]) -> str:
         "bigtable: a backlog on top of old delivered rows; drain, purge, vacuum",
         describe_environment(p["environment"]),
         "",
-        f"Outbox: {par['delivered']:,} rows delivered 40 days ago + a backlog of "
+        f"Outbox: {par['delivered']:,} rows delivered over the 30 days from 59 to 30 days ago"
+        " (a partition each) + a backlog of "
         f"{par['customers']:,} customers x 10 events = {par['pending_rows']:,} pending rows "
         f"(filled in {p['fill']['fill_s']:.0f} s, "
         f"VACUUM ANALYZE {p['fill']['vacuum_analyze_s']:.0f} s).",

@@ -3,7 +3,7 @@ next to ``--exact`` (the relay_status view, which reads every row).
 
 ``python -m bench.status [--quick] [--delivered N] [--customers N] [--repeat N] [--dsn URL]``
 
-1. **Fill** as ``bench.bigtable`` does (its ``fill``): ``--delivered`` rows delivered 40 days
+1. **Fill** as ``bench.bigtable`` does (its ``fill``): ``--delivered`` rows delivered 59-30 days
    ago (2,000,000; 200,000 with ``--quick``) with production-size bodies, one attempt row per
    100 of them, a pending backlog of ``--customers`` (1,000; 200) x 20 rows, then ``VACUUM
    ANALYZE``. One backlog row in ten is then moved to retrying, held, in flight or dead, so
@@ -152,7 +152,7 @@ def render(p: dict[str, Any]) -> str:
         f"shared_buffers={env['settings'].get('shared_buffers')})  "
         f"relay source {env['relay_code']}",
         "",
-        f"Outbox: {par['delivered']:,} rows delivered 40 days ago + {par['customers'] * 20:,} "
+        f"Outbox: {par['delivered']:,} rows delivered 59-30 days ago + {par['customers'] * 20:,} "
         f"backlog rows (one in ten retrying, held, in flight or dead); relay_outbox "
         f"{p['table_mb']:,.0f} MB, its indexes {p['indexes_mb']:,.0f} MB; filled in "
         f"{p['fill']['fill_s']:.0f} s, VACUUM ANALYZE {p['fill']['vacuum_analyze_s']:.0f} s.",
