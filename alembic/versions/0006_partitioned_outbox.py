@@ -451,22 +451,34 @@ BEGIN
 END
 $fn$;
 
--- After each INSERT statement: wake the relays (one notification per transaction, as since
--- relay_0001) and lower the floor below any row older than it.
-CREATE FUNCTION relay_outbox_after_insert() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+-- Before each inserted row more than 25 hours older than its INSERT statement: lower the
+-- floor under it (a late event). The trigger's WHEN clause lets the live traffic through
+-- without calling anything, and that is sound: a raise publishes a value no later than the
+-- start of the day before it was published (so at least 24 hours before), and ends at or
+-- below it. An INSERT after the publish puts a skipped row at most 25 hours before the
+-- statement, which is after the publish: the row is above that value. An INSERT before the
+-- publish belongs to a transaction that held an id by then, which the raise waits out before
+-- it looks at the rows (step 3), so it sees the row. The extra hour covers a server clock
+-- set back. SECURITY DEFINER: the application's role may not read the floor table.
+CREATE FUNCTION relay_outbox_floor_check() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
 BEGIN
-    PERFORM pg_notify('relay_outbox', '');
-    PERFORM relay_outbox_floor_lower((SELECT min(occurred_at) FROM inserted));
-    RETURN NULL;
+    IF NEW.occurred_at < (SELECT greatest(unfinished_from, raising_to)
+                          FROM relay_outbox_floor) THEN
+        PERFORM relay_outbox_floor_lower(NEW.occurred_at);
+    END IF;
+    RETURN NEW;
 END
 $fn$;
 """
 
+# The NOTIFY trigger of relay_0001, on the new table, and the floor's.
 _TRIGGER = """
-CREATE TRIGGER relay_outbox_after_insert AFTER INSERT ON relay_outbox
-REFERENCING NEW TABLE AS inserted
-FOR EACH STATEMENT EXECUTE FUNCTION relay_outbox_after_insert();
+CREATE TRIGGER relay_outbox_notify AFTER INSERT ON relay_outbox
+FOR EACH STATEMENT EXECUTE FUNCTION relay_outbox_notify();
+CREATE TRIGGER relay_outbox_floor_check BEFORE INSERT ON relay_outbox
+FOR EACH ROW WHEN (NEW.occurred_at < statement_timestamp() - interval '25 hours')
+EXECUTE FUNCTION relay_outbox_floor_check();
 """
 
 _OLD_TRIGGER = """
@@ -539,7 +551,6 @@ def upgrade() -> None:
     for statement in _indexes(partitioned=True):
         op.execute(statement)
     op.execute(_TRIGGER)
-    op.execute("DROP FUNCTION relay_outbox_notify()")
     op.execute(_GRANTS)
     op.execute(f"COMMENT ON TABLE relay_outbox IS '{MARKER}'")
     # The floor starts at -infinity (no pruning); the relay raises it.
@@ -554,15 +565,8 @@ def downgrade() -> None:
     op.execute(_COPY_BACK)
     for statement in _indexes(partitioned=False):
         op.execute(statement)
-    op.execute("""
-        CREATE FUNCTION relay_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_notify('relay_outbox', '');
-            RETURN NULL;
-        END $$
-    """)
     op.execute(_OLD_TRIGGER)
-    op.execute("DROP FUNCTION relay_outbox_after_insert()")
+    op.execute("DROP FUNCTION relay_outbox_floor_check()")
     op.execute("DROP FUNCTION relay_outbox_floor_advance()")
     op.execute("DROP FUNCTION relay_outbox_oldest_unfinished()")
     op.execute("DROP FUNCTION relay_outbox_floor_lower(timestamptz)")
