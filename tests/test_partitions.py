@@ -583,9 +583,7 @@ def test_the_relays_sessions_run_without_jit(dsn: str) -> None:
             assert conn.execute("SHOW jit").fetchone() == ("off",)
 
 
-def test_the_relay_gives_up_on_the_floor_while_an_application_holds_it(
-    dsn: str, cio: Any
-) -> None:
+def test_the_relay_gives_up_on_the_floor_while_an_application_holds_it(dsn: str, cio: Any) -> None:
     _make_days(dsn, TODAY - timedelta(days=8), TODAY)
     _advance(dsn)
     # An application transaction writes a late event: it lowers the floor and holds the floor
