@@ -44,7 +44,7 @@ from relay import queries as q
 from relay.client import CustomerIOClient, Destination
 from relay.db import Conn, database_errors, relay_connection
 from relay.destinations import DEFAULT, Route, Router
-from relay.lease import Lease, LeaseKeeper, span_params
+from relay.lease import UNBOUNDED_SPAN, Lease, LeaseKeeper, span_params
 from relay.metrics import Metrics
 from relay.plan import ClaimedRow, ClaimPlan, plan_claim
 from relay.ratelimit import RateLimiter
@@ -500,9 +500,7 @@ class Relay:
             rows = [ClaimedRow(*v) for v in fetched]
             plan = plan_claim([h[1] for h in heads], rows, self.router.route)
             occurred = [r.occurred_at for r in rows if r.occurred_at is not None]
-            span: tuple[Any, Any] = (
-                (min(occurred), max(occurred)) if occurred else ("-infinity", "infinity")
-            )
+            span = (min(occurred), max(occurred)) if occurred else UNBOUNDED_SPAN
             lease = Lease(
                 plan.in_flight,
                 self.settings.lease_s,

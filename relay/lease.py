@@ -40,6 +40,10 @@ log = logging.getLogger("relay")
 Conn = Any  # psycopg.Connection; kept loose so this module stays importable without a driver
 
 
+UNBOUNDED_SPAN: tuple[Any, Any] = (q.ANY_SPAN["occ_lo"], q.ANY_SPAN["occ_hi"])
+"""A span of occurred_at (``Lease.span``) that holds rows of any day: right, only slower."""
+
+
 class Lease:
     """One claim's hold on its in-flight rows.
 
@@ -56,7 +60,7 @@ class Lease:
         *,
         claimed_at: float,
         clock: Callable[[], float] = time.monotonic,
-        span: tuple[Any, Any] = ("-infinity", "infinity"),
+        span: tuple[Any, Any] = UNBOUNDED_SPAN,
     ) -> None:
         self.token = secrets.randbits(63)
         # The earliest and latest occurred_at of the claim's rows: every statement that names
