@@ -43,6 +43,7 @@ from typing import Any
 
 import psycopg
 
+from bench.bigtable import claim_explain
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -148,16 +149,10 @@ def _claim(dsn: str, day: int) -> dict[str, Any]:
         conn.commit()
         times, planning, read = [], [], set()
         for _ in range(3):
-            row = conn.execute(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q.OUTBOX_CLAIM_HEADS,
-                {"customers": 100},
-            ).fetchone()
-            conn.rollback()
-            assert row is not None
-            plan = row[0][0]
-            times.append(float(plan["Execution Time"]))
-            planning.append(float(plan["Planning Time"]))
-            read |= _partitions_read(plan["Plan"])
+            explained = claim_explain(dsn)
+            times.append(float(explained["execution_ms"]))
+            planning.append(float(explained["planning_ms"]))
+            read |= _partitions_read(explained["plan"]["Plan"])
         conn.execute(
             "UPDATE relay_outbox SET state = 'cancelled' WHERE message_id LIKE 'probe-%%'"
             " AND state = 'pending' AND occurred_at = %(at)s",

@@ -178,7 +178,8 @@ ORDER BY o.customer_key, o.id
 # claiming thread in the drain profile); %(errors)s is NULL except for dead rows.
 # One statement rather than several: the drain profile showed each round trip here costing as
 # much as the row work. Index: primary key. Locks: already held (claimed in this transaction).
-OUTBOX_CLAIM_MARK: Final = """
+OUTBOX_CLAIM_MARK: Final = (
+    """
 UPDATE relay_outbox o
 SET state = c.state,
     coalesced_into = c.into_id,
@@ -195,8 +196,11 @@ FROM (
                 %(errors)s::text[]) WITH ORDINALITY AS c(id, state, into_id, error, n)
     JOIN jsonb_array_elements(%(bodies)s::jsonb) WITH ORDINALITY AS b(body, n) USING (n)
 ) AS c
-WHERE o.id = c.id AND o.occurred_at BETWEEN %(occ_lo)s::timestamptz AND %(occ_hi)s::timestamptz
+WHERE o.id = c.id AND """
+    + SPAN
+    + """
 """
+)
 
 # Rows that cannot be sent now (no destination, destination disabled or paused): held, with the
 # reason, no attempt counted. Later rows of the customer wait behind them (order), other
@@ -218,7 +222,8 @@ WHERE id = ANY(%(ids)s::bigint[]) AND {SPAN}
 # planner picks for arrays this size, rows are then locked in id order, as the lease renewal
 # locks them, so the two never deadlock.
 # Index: primary key. Locks: row locks on the updated rows, for the statement's transaction.
-OUTBOX_RECORD_OUTCOMES: Final = """
+OUTBOX_RECORD_OUTCOMES: Final = (
+    """
 UPDATE relay_outbox o
 SET state = r.state,
     attempts = o.attempts + r.attempted,
@@ -231,8 +236,11 @@ SET state = r.state,
 FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(attempted)s::int[],
             %(delays)s::float8[], %(errors)s::text[]) AS r(id, state, attempted, delay_s, error)
 WHERE o.id = r.id AND o.state = 'in_flight' AND o.lease_token = %(token)s::bigint
-  AND o.occurred_at BETWEEN %(occ_lo)s::timestamptz AND %(occ_hi)s::timestamptz
+  AND """
+    + SPAN
+    + """
 """
+)
 
 # Hand back claimed rows that were not sent (shutdown, or an earlier row of the same customer
 # failed in this cycle): no attempt counted; they keep their place in the customer's order.
