@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -44,7 +45,8 @@ from bench.common import (
     write_results,
 )
 from relay import queries as q
-from relay.operator_cli import STATES, status_snapshot
+from relay.models.schema import PARTITION_NAME
+from relay.operator_cli import STATES, backlog_limits, status_snapshot
 
 # One backlog row in ten leaves pending for another counted state, by id.
 _SPREAD_BACKLOG = """
@@ -76,19 +78,29 @@ def _timed(snapshot: Snapshot, repeat: int) -> dict[str, Any]:
 
 
 def _outbox_scans(conn: psycopg.Connection[Any], statement: str) -> list[str]:
-    """The plan's scan nodes on relay_outbox, as ``Node Type (index)``."""
-    row = conn.execute("EXPLAIN (FORMAT JSON) " + statement).fetchone()
+    """The plan's scan nodes on relay_outbox's partitions, as ``Node Type (index) xN``: each
+    partition's index named as the table's index it belongs to, scans of the same kind
+    counted together."""
+    params = None
+    with conn.transaction():
+        if statement is q.OUTBOX_STATUS_BACKLOG:  # as status_snapshot runs it
+            conn.execute(q.STATUS_INDEX_SCANS_ONLY)
+            params = backlog_limits()
+        row = conn.execute("EXPLAIN (FORMAT JSON) " + statement, params).fetchone()
     assert row is not None
-    out: list[str] = []
+    found: Counter[str] = Counter()
     pending = [row[0][0]["Plan"]]
     while pending:
         node = pending.pop()
         pending.extend(node.get("Plans", ()))
-        index = node.get("Index Name")
+        index, relation = node.get("Index Name"), node.get("Relation Name") or ""
         # A bitmap scan names the table on the heap node and the index on its child.
-        if node.get("Relation Name") == "relay_outbox" or str(index).startswith("relay_outbox"):
-            out.append(node["Node Type"] + (f" ({index})" if index else ""))
-    return sorted(out)
+        if index and str(index).startswith("relay_outbox"):
+            root = conn.execute("SELECT pg_partition_root(%s::regclass)::text", (index,))
+            found[f"{node['Node Type']} ({root.fetchone()[0]})"] += 1  # type: ignore[index]
+        elif not index and (relation == "relay_outbox" or PARTITION_NAME.fullmatch(relation)):
+            found[node["Node Type"]] += 1
+    return [f"{name} x{n}" for name, n in sorted(found.items())]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,7 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with psycopg.connect(db.dsn, autocommit=True) as conn:
             conn.execute(_SPREAD_BACKLOG)
             size = conn.execute(
-                "SELECT pg_relation_size('relay_outbox'), pg_indexes_size('relay_outbox')"
+                "SELECT sum(pg_relation_size(relid)), sum(pg_indexes_size(relid))"
+                " FROM pg_partition_tree('relay_outbox') WHERE isleaf"
             ).fetchone()
             assert size is not None
             print("timing ...", file=sys.stderr, flush=True)

@@ -137,6 +137,25 @@ exactly when its statistics cannot estimate it (never analyzed): the count takes
 milliseconds."""
 
 
+UNFINISHED_READ_LIMIT: Final = 40_000
+"""At most this many unfinished rows are read to count them (about 1 us each, one heap fetch
+through the partial index). A bigger backlog (an outage) has its unfinished states estimated
+instead, at least what was counted, and its ages reported as lower bounds: ``relay status``
+stays in milliseconds however far behind the relays are."""
+
+DEAD_READ_LIMIT: Final = 10_000
+"""The same bound for dead rows."""
+
+
+def backlog_limits() -> dict[str, int]:
+    """``OUTBOX_STATUS_BACKLOG``'s parameters: the read limits."""
+    return {"unfinished_limit": UNFINISHED_READ_LIMIT, "dead_limit": DEAD_READ_LIMIT}
+
+
+UNFINISHED_COUNTED: Final = tuple(s for s in COUNTED_STATES if s != "dead")
+AGES: Final = ("oldest_undelivered_age_s", "oldest_pending_age_s")
+
+
 @dataclass(frozen=True)
 class TableStatistics:
     """relay_outbox's statistics, as ``OUTBOX_STATUS_ESTIMATE`` reads them."""
@@ -243,10 +262,14 @@ def _empty_entry(exact: bool) -> dict[str, Any]:
     }
 
 
-def _destination_rows(conn: Conn, exact: bool) -> dict[str, dict[str, Any]]:
+def _destination_rows(conn: Conn, exact: bool) -> tuple[dict[str, dict[str, Any]], tuple[str, ...]]:
     """Per destination: every count (``exact``: the relay_status view), or the counted states
     with the finished ones and the total None (not estimated per destination: pg_stats has no
-    joint statistics of project_id and state to split them by)."""
+    joint statistics of project_id and state to split them by).
+
+    Also the states whose bounded read reached its limit (``UNFINISHED_READ_LIMIT``,
+    ``DEAD_READ_LIMIT``): their per-destination counts are only what was read, so they are
+    None here, and the ages are lower bounds."""
     out: dict[str, dict[str, Any]] = {}
     if exact:
         for row in conn.execute(q.STATUS_BY_DESTINATION).fetchall():
@@ -256,13 +279,21 @@ def _destination_rows(conn: Conn, exact: bool) -> dict[str, dict[str, Any]]:
                 "oldest_undelivered_age_s": row[10],
                 "lag_s": row[11],
             }
-        return out
-    for row in conn.execute(q.OUTBOX_STATUS_BACKLOG).fetchall():
+        return out, ()
+    with conn.transaction():
+        conn.execute(q.STATUS_INDEX_SCANS_ONLY)
+        rows = conn.execute(q.OUTBOX_STATUS_BACKLOG, backlog_limits()).fetchall()
+    for row in rows:
         entry = _empty_entry(exact=False)
         entry.update(zip(COUNTED_STATES, (int(n) for n in row[1:6]), strict=True))
         entry.update(oldest_undelivered_age_s=row[6], lag_s=row[7])
         out[row[0]] = entry
-    return out
+    capped: tuple[str, ...] = ()
+    if sum(e[s] for e in out.values() for s in UNFINISHED_COUNTED) >= UNFINISHED_READ_LIMIT:
+        capped += UNFINISHED_COUNTED
+    if sum(e["dead"] for e in out.values()) >= DEAD_READ_LIMIT:
+        capped += ("dead",)
+    return out, capped
 
 
 def status_snapshot(conn: Conn, *, exact: bool = False) -> dict[str, Any]:
@@ -274,12 +305,17 @@ def status_snapshot(conn: Conn, *, exact: bool = False) -> dict[str, Any]:
     relay_status view, which reads the whole table. So does a table too small to matter
     whose statistics cannot give the estimates yet (never analyzed: a new deployment, the
     demo): counting ``EXACT_BELOW_PAGES`` pages costs milliseconds, and beats an unknown.
+
+    A backlog over ``UNFINISHED_READ_LIMIT`` rows (or dead rows over ``DEAD_READ_LIMIT``)
+    is not counted to its end: those states are estimated too, each at least what was
+    counted (``at_least`` when there are no statistics to estimate from), None per
+    destination, and the ages become lower bounds (``lower_bounds`` names them).
     """
     if not exact:
         stats = _table_statistics(conn)
         unknown = any(v is None for v in estimate_finished(stats, 0).values())
         exact = unknown and stats.pages <= EXACT_BELOW_PAGES
-    destinations = _destination_rows(conn, exact)
+    destinations, capped = _destination_rows(conn, exact)
     configured = {r[0]: r for r in conn.execute(q.DESTINATION_LIST_WITHOUT_KEY).fetchall()}
     totals: dict[str, Any] = dict.fromkeys((*STATES, "total"), 0)
     lags: list[float] = []
@@ -292,19 +328,37 @@ def status_snapshot(conn: Conn, *, exact: bool = False) -> dict[str, Any]:
         if entry["lag_s"] is not None:
             lags.append(float(entry["lag_s"]))
     analyzed_at = None
+    estimated: list[str] = [] if exact else list(ESTIMATED)
+    at_least: list[str] = []
     if not exact:
+        rows = estimate_rows(stats)
+        for state in capped:
+            if rows is None:
+                at_least.append(state)
+            else:
+                totals[state] = max(totals[state], round(rows * stats.state_share(state)))
+            for entry in destinations.values():
+                entry[state] = None
+        estimated = [s for s in STATES if s in capped and s not in at_least] + estimated
         totals.update(estimate_finished(stats, sum(totals[s] for s in COUNTED_STATES)))
         analyzed_at = stats.analyzed_at
     for name, d in configured.items():
         entry = destinations.setdefault(name, _empty_entry(exact))
         entry.update(configured=True, enabled=bool(d[3]), paused_reason=d[5] if d[4] else None)
+        for state in capped:
+            entry[state] = None
     for name, entry in destinations.items():
         if name not in configured:
             entry.update(configured=False, enabled=None, paused_reason=None)
     return {
         **totals,
         # Which of the figures above are estimates (the rest are exact counts).
-        "estimated": [] if exact else list(ESTIMATED),
+        "estimated": estimated,
+        # Counts that are only what a bounded read found (a backlog past the read limit with
+        # no statistics to estimate it from): the true figure is at least this.
+        "at_least": at_least,
+        # Figures that are lower bounds: the ages, when the backlog was not read to its end.
+        "lower_bounds": list(AGES) if set(capped) & set(UNFINISHED_COUNTED) else [],
         # The ANALYZE the estimates' split by state comes from (None: never, or --exact).
         "analyzed_at": analyzed_at,
         # Age of the oldest message waiting to be sent (pending or retrying): the relay's lag.
@@ -313,6 +367,11 @@ def status_snapshot(conn: Conn, *, exact: bool = False) -> dict[str, Any]:
         "oldest_undelivered_age_s": max(oldest) if oldest else None,
         "destinations": dict(sorted(destinations.items())),
     }
+
+
+def _bound(prefix: str, seconds: float | None) -> str:
+    """An age, marked ``>=`` when it is a lower bound."""
+    return _age(seconds) if seconds is None else prefix + _age(seconds)
 
 
 def _approx(n: int | None) -> str:
@@ -330,6 +389,14 @@ def _approx(n: int | None) -> str:
 
 def render_status(snap: dict[str, Any]) -> str:
     estimated = set(snap.get("estimated", ()))
+    at_least = set(snap.get("at_least", ()))
+    floor = ">=" if snap.get("lower_bounds") else ""
+
+    def total_cell(state: str) -> Any:
+        if state in estimated:
+            return _approx(snap[state])
+        return f">={snap[state]}" if state in at_least else snap[state]
+
     headers = ["DESTINATION", *(s.upper().replace("_", " ") for s in STATES), "OLDEST", "LAG"]
     rows: list[list[Any]] = []
     for name, d in snap["destinations"].items():
@@ -338,20 +405,26 @@ def render_status(snap: dict[str, Any]) -> str:
                 name,
                 # None: a finished state, which is not estimated per destination.
                 *("-" if d[s] is None else d[s] for s in STATES),
-                _age(d["oldest_undelivered_age_s"]),
-                _age(d["lag_s"]),
+                _bound(floor, d["oldest_undelivered_age_s"]),
+                _bound(floor, d["lag_s"]),
             ]
         )
     rows.append(
         [
             "TOTAL",
-            *(_approx(snap[s]) if s in estimated else snap[s] for s in STATES),
-            _age(snap["oldest_undelivered_age_s"]),
-            _age(snap["oldest_pending_age_s"]),
+            *(total_cell(s) for s in STATES),
+            _bound(floor, snap["oldest_undelivered_age_s"]),
+            _bound(floor, snap["oldest_pending_age_s"]),
         ]
     )
     lines = text_table(headers, rows, right=range(1, len(STATES) + 1))
     lines.append("(OLDEST: oldest message not yet delivered; LAG: oldest waiting to be sent)")
+    if floor or at_least:
+        lines.append(
+            f"(the backlog is over {UNFINISHED_READ_LIMIT:,} rows or the dead over "
+            f"{DEAD_READ_LIMIT:,}: not counted to the end, so those states are estimated, "
+            ">= marks a lower bound, and ages are of the rows read)"
+        )
     if estimated:
         when = f" (last ANALYZE {_when(snap['analyzed_at'])})" if snap["analyzed_at"] else ""
         lines.append(
@@ -375,7 +448,7 @@ def render_status(snap: dict[str, Any]) -> str:
     lines.append(
         "oldest message waiting to be sent: "
         + (
-            _age(snap["oldest_pending_age_s"])
+            _bound(floor, snap["oldest_pending_age_s"])
             if snap["oldest_pending_age_s"] is not None
             else "none"
         )
@@ -387,11 +460,13 @@ def render_status(snap: dict[str, Any]) -> str:
             lines.append(f"destination {name} is disabled (its messages are held)")
     if snap["held"]:
         lines.append(
-            f"{snap['held']} held messages wait for a usable destination "
+            f"{total_cell('held')} held messages wait for a usable destination "
             "(see relay destinations list)"
         )
     if snap["dead"]:
-        lines.append(f"{snap['dead']} dead messages (relay_dead_messages; re-queue: relay retry)")
+        lines.append(
+            f"{total_cell('dead')} dead messages (relay_dead_messages; re-queue: relay retry)"
+        )
     return "\n".join(lines)
 
 

@@ -347,6 +347,87 @@ def test_status_estimates_the_history_after_analyze_and_says_so(dsn: str) -> Non
     assert within(grown["delivered"], exact["delivered"] * 2, 0.10), grown["delivered"]
 
 
+def fill_backlog(dsn: str, rows: int, state: str = "pending", age_s: int = 0) -> None:
+    """``rows`` unfinished (or dead) rows of 100 customers, created ``age_s`` ago."""
+    sql(
+        dsn,
+        """
+        INSERT INTO relay_outbox (message_id, event_id, kind, customer_key, event_type, body,
+                                  occurred_at, created_at, state)
+        SELECT %(state)s || '-' || g, 'evt-' || %(state)s || '-' || g, 'track', 'bk_' || (g %% 100),
+               'page.view',
+               jsonb_build_object('type', 'track', 'userId', 'bk_' || (g %% 100),
+                                  'event', 'page.view', 'messageId', %(state)s || '-' || g),
+               now(), now() - make_interval(secs => %(age)s), %(state)s
+        FROM generate_series(1, %(rows)s) AS g
+        """,
+        {"rows": rows, "state": state, "age": age_s},
+    )
+
+
+def test_a_backlog_past_the_read_limit_is_estimated_with_ages_as_lower_bounds(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limits scaled down (40,000 and 10,000 in production) so the test stays small.
+    monkeypatch.setattr(operator_cli, "UNFINISHED_READ_LIMIT", 500)
+    monkeypatch.setattr(operator_cli, "DEAD_READ_LIMIT", 50)
+    fill_finished(dsn, 1, 3_000)
+    fill_backlog(dsn, 2_000, age_s=7200)
+    fill_backlog(dsn, 300, "dead")
+    analyze(dsn)
+    exact = exact_counts(dsn)
+
+    with psycopg.connect(dsn) as conn:
+        snap = operator_cli.status_snapshot(conn)
+
+    # Past both limits: pending and dead estimated, never below what the bounded read counted.
+    assert {"pending", "dead", "total"} <= set(snap["estimated"])
+    assert snap["at_least"] == []
+    assert within(snap["pending"], exact["pending"], 0.10), snap["pending"]
+    assert within(snap["dead"], exact["dead"], 0.25), snap["dead"]
+    assert snap["pending"] >= 500 and snap["dead"] >= 50
+    assert within(snap["total"], sum(exact.values()), 0.10), snap["total"]
+    # Per destination, a count that stopped at the limit is no count at all.
+    assert snap["destinations"]["default"]["pending"] is None
+    assert snap["destinations"]["default"]["dead"] is None
+    # Ages come from the rows read: lower bounds, said so.
+    assert snap["lower_bounds"] == ["oldest_undelivered_age_s", "oldest_pending_age_s"]
+    assert snap["oldest_pending_age_s"] <= 7300
+    text = operator_cli.render_status(snap)
+    total = next(line for line in text.splitlines() if line.startswith("TOTAL "))
+    assert total.split()[1].startswith("~") and total.split()[-2:] == [">=2h", "0m"]
+    assert "not counted to the end" in text
+
+    # Under the limits, the same statement counts exactly (the check above can fail).
+    monkeypatch.setattr(operator_cli, "UNFINISHED_READ_LIMIT", 40_000)
+    monkeypatch.setattr(operator_cli, "DEAD_READ_LIMIT", 10_000)
+    with psycopg.connect(dsn) as conn:
+        counted = operator_cli.status_snapshot(conn)
+    assert (counted["pending"], counted["dead"]) == (exact["pending"], exact["dead"])
+    assert counted["lower_bounds"] == [] and "pending" not in counted["estimated"]
+    assert 7190 <= counted["oldest_pending_age_s"] < 7300
+
+
+def test_a_backlog_past_the_read_limit_without_statistics_is_a_lower_bound(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(operator_cli, "UNFINISHED_READ_LIMIT", 500)
+    monkeypatch.setattr(operator_cli, "EXACT_BELOW_PAGES", 0)  # no exact fallback
+    leaves = "SELECT relid FROM pg_partition_tree('relay_outbox') WHERE isleaf"
+    for (leaf,) in sql(dsn, leaves):
+        sql(dsn, f"ALTER TABLE {leaf} SET (autovacuum_enabled = false)")
+    fill_backlog(dsn, 800)
+
+    with psycopg.connect(dsn) as conn:
+        snap = operator_cli.status_snapshot(conn)
+
+    assert set(snap["at_least"]) == {"pending", "in_flight", "retrying", "held"}
+    assert snap["pending"] == 500  # what was read: no statistics to estimate the rest
+    text = operator_cli.render_status(snap)
+    total = next(line for line in text.splitlines() if line.startswith("TOTAL "))
+    assert total.split()[1] == ">=500"
+
+
 def test_status_on_a_table_never_analyzed_is_sane(dsn: str) -> None:
     # Autovacuum must not analyze the table behind the test's back.
     # (Per partition: a partitioned table takes no storage parameters of its own.)
@@ -460,7 +541,8 @@ def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _scans(dsn: str, statement: str) -> list[tuple[str, str | None, str | None]]:
     """(node type, relation, index) of every node of the statement's plan."""
-    ((doc,),) = sql(dsn, "EXPLAIN (FORMAT JSON) " + statement)
+    params = operator_cli.backlog_limits() if statement is q.OUTBOX_STATUS_BACKLOG else None
+    ((doc,),) = sql(dsn, "EXPLAIN (FORMAT JSON) " + statement, params)
     return [
         (n["Node Type"], n.get("Relation Name"), n.get("Index Name"))
         for n in _plan_nodes(doc[0]["Plan"])
