@@ -10,7 +10,8 @@ a slow service, so it runs on a thread and connection of its own (``relay.lease`
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, cast
+import time
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import psycopg
 
@@ -61,6 +62,12 @@ PARTITION_AHEAD_DAYS = 3
 the days after in the DEFAULT partition, from where the next run's creation moves them."""
 
 
+FLOOR_WAIT_S: Final = 2.0
+"""How long one run of the partitions job waits for the transactions a floor raise noted to
+end, before it leaves the raise to the next run (``waiting``)."""
+FLOOR_WAIT_POLL_S: Final = 0.05
+
+
 def manage_partitions(relay: Relay) -> dict[str, Any]:
     """Create the coming days' partitions, then take the claim's floor up to three steps on
     (publish, note the running transactions, raise: each its own transaction, see
@@ -77,10 +84,19 @@ def manage_partitions(relay: Relay) -> dict[str, Any]:
         ) as conn:
             row = conn.execute(q.PARTITIONS_ENSURE, {"ahead_days": PARTITION_AHEAD_DAYS}).fetchone()
             done["created"] = cast(int, row[0]) if row else 0
-            for _ in range(3):
-                step = conn.execute(q.FLOOR_ADVANCE).fetchone()
-                done["floor"].append(step[0] if step else None)
-                if done["floor"][-1] in ("unchanged", "waiting", "raised"):
+            deadline = time.monotonic() + FLOOR_WAIT_S
+            while len(done["floor"]) < 3:
+                row = conn.execute(q.FLOOR_ADVANCE).fetchone()
+                step = row[0] if row else None
+                if step == "waiting" and time.monotonic() < deadline:
+                    # The transactions noted one step ago are the application's, usually
+                    # milliseconds long: wait them out here rather than a whole job interval,
+                    # or the floor trails the backlog by a minute and the claim reads a day
+                    # more than it needs to.
+                    time.sleep(FLOOR_WAIT_POLL_S)
+                    continue
+                done["floor"].append(step)
+                if step in ("unchanged", "waiting", "raised"):
                     break
     except psycopg.errors.InsufficientPrivilege as exc:
         relay.partitions_disabled = True

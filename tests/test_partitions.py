@@ -603,3 +603,52 @@ def test_the_relay_gives_up_on_the_floor_while_an_application_holds_it(dsn: str,
     assert done["floor"] == []  # gave up on the lock, nothing raised
     assert waited < 5.0
     assert _floor(dsn) == late
+
+
+def test_one_run_of_the_relay_raises_the_floor_past_a_short_transaction(
+    dsn: str, cio: Any
+) -> None:
+    # Before: the run stopped at `waiting` and left the raise to the next run, 30 s later,
+    # so the floor trailed the backlog and every claim read a day more than it needed.
+    _make_days(dsn, TODAY - timedelta(days=6), TODAY)
+    old = _day_start(TODAY - timedelta(days=4)) + timedelta(hours=1)
+    _record(dsn, [_event("cus_old", 1, old)])
+    writer = psycopg.connect(dsn)
+    record_event(writer, _event("cus_now", 1, datetime.now(UTC)))  # an open writing transaction
+    committer = threading.Timer(0.3, writer.commit)
+    relay = make_relay(dsn, cio)
+    try:
+        committer.start()
+        done = relay.manage_partitions()
+    finally:
+        committer.join()
+        relay.close()
+        writer.close()
+    assert done["floor"] == ["published", "noted", "raised"]
+    assert _floor(dsn) == _day_start(TODAY - timedelta(days=4))
+
+
+def test_a_long_transaction_leaves_the_raise_to_the_next_run(
+    dsn: str, cio: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relay import maintenance
+
+    monkeypatch.setattr(maintenance, "FLOOR_WAIT_S", 0.5)
+    _make_days(dsn, TODAY - timedelta(days=6), TODAY)
+    _record(dsn, [_event("cus_old", 1, _day_start(TODAY - timedelta(days=4)))])
+    writer = psycopg.connect(dsn)
+    record_event(writer, _event("cus_now", 1, datetime.now(UTC)))
+    relay = make_relay(dsn, cio)
+    try:
+        started = time.monotonic()
+        done = relay.manage_partitions()
+        waited = time.monotonic() - started
+        assert done["floor"] == ["published", "noted", "waiting"]
+        assert 0.5 <= waited < 3.0
+        assert _floor(dsn) is None  # not raised while the transaction may still compare
+        writer.commit()
+        assert relay.manage_partitions()["floor"] == ["raised"]
+    finally:
+        relay.close()
+        writer.close()
+    assert _floor(dsn) == _day_start(TODAY - timedelta(days=4))
