@@ -605,9 +605,7 @@ def test_the_relay_gives_up_on_the_floor_while_an_application_holds_it(dsn: str,
     assert _floor(dsn) == late
 
 
-def test_one_run_of_the_relay_raises_the_floor_past_a_short_transaction(
-    dsn: str, cio: Any
-) -> None:
+def test_one_run_of_the_relay_raises_the_floor_past_a_short_transaction(dsn: str, cio: Any) -> None:
     # Before: the run stopped at `waiting` and left the raise to the next run, 30 s later,
     # so the floor trailed the backlog and every claim read a day more than it needed.
     _make_days(dsn, TODAY - timedelta(days=6), TODAY)
