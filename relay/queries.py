@@ -454,6 +454,17 @@ FROM relay_status
 ORDER BY destination
 """
 
+# Run before OUTBOX_STATUS_BACKLOG, in its transaction (set_config's is_local): plain index
+# scans only. With statistics from before a drain (autovacuum off or behind, the last ANALYZE
+# saw the backlog), the planner expects a partition full of unfinished rows and reads it whole
+# (measured: 570 ms, a sequential scan of a 2,000,000-row day that held none), or builds a
+# bitmap of every entry before its LIMIT can stop it. An index scan stops at the limit, and
+# marks the dead entries it passes so that the next one skips them (29 ms on the same day).
+# Index: none. Locks: none.
+STATUS_INDEX_SCANS_ONLY: Final = (
+    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
+)
+
 # `relay status`: per destination, the exact number of messages in each unfinished state and
 # of dead ones, and the ages of the oldest undelivered message and of the oldest waiting to be
 # sent, with the relay_status view's meaning (oldest_undelivered_age_s: pending, retrying, in
@@ -473,17 +484,6 @@ ORDER BY destination
 # Index: relay_outbox_customer_unfinished_idx (partial: UNFINISHED; up to the limit, by an
 # index scan) and relay_outbox_dead_idx (partial: dead). Locks: ACCESS SHARE on relay_outbox,
 # as any read; no row locks.
-# Run before OUTBOX_STATUS_BACKLOG, in its transaction (set_config's is_local): plain index
-# scans only. With statistics from before a drain (autovacuum off or behind, the last ANALYZE
-# saw the backlog), the planner expects a partition full of unfinished rows and reads it whole
-# (measured: 570 ms, a sequential scan of a 2,000,000-row day that held none), or builds a
-# bitmap of every entry before its LIMIT can stop it. An index scan stops at the limit, and
-# marks the dead entries it passes so that the next one skips them (29 ms on the same day).
-# Index: none. Locks: none.
-STATUS_INDEX_SCANS_ONLY: Final = (
-    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
-)
-
 OUTBOX_STATUS_BACKLOG: Final = f"""
 WITH unfinished AS (
     SELECT coalesce(project_id, 'default') AS destination,
