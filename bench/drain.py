@@ -421,6 +421,8 @@ DECLARE
     p_attempted int[];
     p_delays float8[];
     p_errors text[];
+    p_occ_lo timestamptz;
+    p_occ_hi timestamptz;
     v_send bigint[];
     v_coalesced bigint[];
     v_into bigint[];
@@ -437,14 +439,19 @@ BEGIN
             COMMIT;
             EXIT;
         END IF;
-        INSERT INTO ceiling_claim (id, customer_key, kind, body, attempts, state, due, pos)
-        SELECT f.id, f.customer_key, f.kind, f.body, f.attempts, f.state, f.due, k.pos
+        INSERT INTO ceiling_claim (id, customer_key, kind, body, attempts, state, due, pos,
+                                   occurred_at)
+        SELECT f.id, f.customer_key, f.kind, f.body, f.attempts, f.state, f.due, k.pos,
+               f.occurred_at
           FROM ({followers}) AS f
           JOIN unnest(p_customer_keys) WITH ORDINALITY AS k(customer_key, pos)
             ON k.customer_key = f.customer_key;
         -- Every fetched row that is due is taken, as the relay takes them. (In this backlog
         -- every claimed row is due, so this equals the relay's per-customer due prefix.)
         DELETE FROM ceiling_claim c WHERE NOT (c.state IN ('pending', 'retrying') AND c.due);
+        -- The span of the claimed rows' occurred_at, which the relay passes with every
+        -- statement by id (relay.lease.Lease.span) so that only their days are probed.
+        SELECT min(occurred_at), max(occurred_at) INTO p_occ_lo, p_occ_hi FROM ceiling_claim;
         -- Coalescing: each customer's fresh identifies merge into its first one (the carrier),
         -- which is rewritten with the merged traits when there was more than one.
         SELECT coalesce(array_agg(i.id ORDER BY i.id), '{{}}'),
@@ -514,7 +521,8 @@ def run_ceiling(dsn: str) -> tuple[float, float]:
             # body as text: the relay fetches it as text (or as jsonb, which a text column
             # takes too) and parses only the identifies it merges.
             "CREATE TEMP TABLE ceiling_claim (id bigint, customer_key text, kind text, "
-            "body text, attempts int, state text, due bool, pos bigint) "
+            "body text, attempts int, state text, due bool, pos bigint, "
+            "occurred_at timestamptz) "
             "ON COMMIT DELETE ROWS"
         )
         block = ceiling_block(BATCH_SIZE, 30.0)
