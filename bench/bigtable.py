@@ -218,19 +218,20 @@ def sizes(dsn: str) -> dict[str, Any]:
             """
         ).fetchall()
     assert row is not None
+    # sum() of bigint sizes is numeric, which psycopg returns as Decimal: floats for the JSON.
     return {
-        "table_mb": row[0] / 2**20,
-        "indexes_mb": row[1] / 2**20,
-        "total_mb": row[2] / 2**20,
+        "table_mb": float(row[0]) / 2**20,
+        "indexes_mb": float(row[1]) / 2**20,
+        "total_mb": float(row[2]) / 2**20,
         "live_tuples": int(row[3]),
         "dead_tuples": int(row[4]),
         "autovacuum_count": int(row[5]),
         "vacuum_count": int(row[6]),
         "rows": int(row[7]),
-        "attempt_total_mb": row[8] / 2**20,
+        "attempt_total_mb": float(row[8]) / 2**20,
         "attempt_rows": int(row[9]),
         "partitions": int(row[10]),
-        "index_mb": {name: size / 2**20 for name, size in idx},
+        "index_mb": {name: float(size) / 2**20 for name, size in idx},
     }
 
 

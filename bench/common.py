@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -423,5 +424,13 @@ def describe_environment(env: dict[str, Any]) -> str:
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_value) + "\n")
     return path
+
+
+def _json_value(value: Any) -> Any:
+    # PostgreSQL's sum() and numeric columns come back as Decimal: a number in the JSON, as
+    # bench.summary reads it, not the string that str() would make of it.
+    if isinstance(value, Decimal):
+        return float(value)
+    return str(value)

@@ -7,10 +7,15 @@ dropped.
 
 from __future__ import annotations
 
+import json
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench import common
 from bench.summary import render, summarise
 
 
@@ -147,3 +152,13 @@ def test_results_of_different_relay_versions_are_flagged() -> None:
     summary = summarise(results)
     assert summary["one_commit"] is False
     assert "more than one commit" in render(summary, results)
+
+
+def test_results_keep_database_numbers_as_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sum() over partitions returns numeric (Decimal); written as a string, bench.summary
+    # could not format the big-table sizes.
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    path = common.write_results("sizes", {"total_mb": Decimal("512.5"), "at": date(2026, 12, 4)})
+    assert json.loads(path.read_text()) == {"total_mb": 512.5, "at": "2026-12-04"}
