@@ -43,9 +43,10 @@ ISO_TIMESTAMP: Final = (
 # Index: relay_outbox_message_id_key (message_id, occurred_at): a re-recorded event carries the
 # same occurred_at, so it meets its first copy in the same day's partition and writes nothing.
 # Locks: row locks on the inserted rows only; a concurrent insert of the same messageId waits
-# for the first transaction and then skips. Fires the after-insert trigger once per statement:
-# NOTIFY, and the floor lowered under a row older than it (a lock on the floor row then, until
-# commit: a late event's cost, not the live traffic's).
+# for the first transaction and then skips. Triggers: NOTIFY once per statement (after
+# insert); and, per row more than 25 hours old only (a WHEN clause, so live traffic calls no
+# function), the floor lowered under it (a lock on the floor row then, until commit: a late
+# event's cost, not the live traffic's).
 OUTBOX_INSERT_MESSAGES: Final = """
 INSERT INTO relay_outbox
     (message_id, event_id, kind, customer_key, project_id, event_type, body, occurred_at)
