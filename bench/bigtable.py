@@ -235,13 +235,20 @@ def sizes(dsn: str) -> dict[str, Any]:
     }
 
 
+def current_floor(conn: psycopg.Connection[Any]) -> str:
+    """The claim's floor now, as the relay passes it to the claim (``queries.FLOOR_NOW``)."""
+    row = conn.execute(q.FLOOR_NOW, {"floor": "-infinity"}).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def claim_explain(dsn: str) -> dict[str, Any]:
     """EXPLAIN ANALYZE of the relay's claim, as the relay runs it, then rolled back."""
     with psycopg.connect(dsn) as conn:
         conn.execute("SET synchronous_commit = off")
         rows = conn.execute(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q.OUTBOX_CLAIM_HEADS,
-            {"customers": 100},
+            {"customers": 100, "floor": current_floor(conn)},
         ).fetchone()
         conn.rollback()
     assert rows is not None

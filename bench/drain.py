@@ -422,6 +422,7 @@ DECLARE
     p_delays float8[];
     p_errors text[];
     p_occ_lo timestamptz;
+    p_floor text := '-infinity';
     p_occ_hi timestamptz;
     v_send bigint[];
     v_coalesced bigint[];
@@ -432,8 +433,10 @@ DECLARE
 BEGIN
     LOOP
         -- Claim: the relay's own statements.
-        SELECT coalesce(array_agg(h.id), '{{}}'), coalesce(array_agg(h.customer_key), '{{}}')
-          INTO p_head_ids, p_customer_keys
+        -- The floor comes back with the heads, for the next claim, as the relay keeps it.
+        SELECT coalesce(array_agg(h.id), '{{}}'), coalesce(array_agg(h.customer_key), '{{}}'),
+               coalesce(max(h.floor), p_floor)
+          INTO p_head_ids, p_customer_keys, p_floor
           FROM ({heads}) AS h;
         IF cardinality(p_head_ids) = 0 THEN
             COMMIT;

@@ -382,6 +382,7 @@ def _claim_cost(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     With nothing due it should touch a handful of pages; what it touches beyond that is the
     dead index entries and row versions the load left behind.
     """
+    from bench.bigtable import current_floor
     from relay import queries as q
 
     time.sleep(1.0)  # the cumulative statistics are flushed at most once a second
@@ -390,7 +391,8 @@ def _claim_cost(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         " WHERE relid IN (SELECT relid FROM pg_partition_tree('relay_outbox'))"
     ).fetchone()
     row = conn.execute(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q.OUTBOX_CLAIM_HEADS, {"customers": 100}
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q.OUTBOX_CLAIM_HEADS,
+        {"customers": 100, "floor": current_floor(conn)},
     ).fetchone()
     conn.rollback()
     plan = row[0][0] if row else {}

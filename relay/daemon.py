@@ -172,6 +172,10 @@ class Relay:
         # end on their own threads; the next claim (on whichever thread) hands them back.
         self._orphans: list[Lease] = []
         self._orphans_lock = threading.Lock()
+        # The claim's floor as last seen (queries.FLOOR_HINT), as text. -infinity prunes
+        # nothing; the first claim returns the real floor. Shared by the claiming threads: a
+        # stale value is safe (the claim's gate refuses it), so no lock.
+        self._floor = "-infinity"
         self._keeper: LeaseKeeper | None = None
         self._keeper_lock = threading.Lock()
         self.sender = Sender(self)
@@ -479,68 +483,105 @@ class Relay:
                     self._orphans.append(lease)
         return result
 
+    def _take(self, conn: Conn, size: int) -> tuple[list[Any], list[Any]] | None:
+        """Lock the heads and their followers, in the caller's transaction: (heads, rows), both
+        empty when nothing is claimable; None when the floor fell below the value passed (a
+        late insert), so that nothing was taken and the claim must be made again."""
+        heads = conn.execute(
+            q.OUTBOX_CLAIM_HEADS, {"customers": size, "floor": self._floor}
+        ).fetchall()
+        if not heads:
+            # Nothing due, or the gate refused a stale floor: the floor now tells which.
+            return None if self._floor_lowered(conn) else ([], [])
+        self._floor = heads[0][2]
+        fetched = conn.execute(
+            q.OUTBOX_CLAIM_FOLLOWERS,
+            {
+                "head_ids": [h[0] for h in heads],
+                "customer_keys": [h[1] for h in heads],
+                "per_customer": size,
+                "floor": self._floor,
+            },
+        ).fetchall()
+        if not fetched:
+            # Every head is among its own followers unless the gate refused: the floor fell
+            # between the two statements. Their locks go with this transaction.
+            self._floor_lowered(conn)
+            return None
+        return heads, fetched
+
+    def _floor_lowered(self, conn: Conn) -> bool:
+        """Read the floor into the value the claim passes; whether it was below that value."""
+        row = conn.execute(q.FLOOR_NOW, {"floor": self._floor}).fetchone()
+        if row is None:  # the migration writes the one row; without it no claim takes anything
+            return False
+        self._floor = str(row[0])
+        return bool(row[1])
+
     def _claim(self, conn: Conn) -> tuple[CycleResult, ClaimPlan, Lease | None]:
         result = CycleResult()
         size = self.settings.batch_size
         # Taken before the claim transaction: the database sets the expiry later than this,
         # so "claimed_at + lease" never overstates how long the rows are ours.
         claimed_at = self.clock()
-        with conn.transaction():
-            heads = conn.execute(q.OUTBOX_CLAIM_HEADS, {"customers": size}).fetchall()
-            if not heads:
-                return result, ClaimPlan(), None
-            fetched = conn.execute(
-                q.OUTBOX_CLAIM_FOLLOWERS,
-                {
-                    "head_ids": [h[0] for h in heads],
-                    "customer_keys": [h[1] for h in heads],
-                    "per_customer": size,
-                },
-            ).fetchall()
-            rows = [ClaimedRow(*v) for v in fetched]
-            plan = plan_claim([h[1] for h in heads], rows, self.router.route)
-            occurred = [r.occurred_at for r in rows if r.occurred_at is not None]
-            span = (min(occurred), max(occurred)) if occurred else UNBOUNDED_SPAN
-            lease = Lease(
-                plan.in_flight,
-                self.settings.lease_s,
-                claimed_at=claimed_at,
-                clock=self.clock,
-                span=span,
-            )
-            in_span = {"occ_lo": span[0], "occ_hi": span[1]}
-            marks: list[tuple[int, str, int | None, bytes | None, str | None]] = [
-                (i, "in_flight", None, plan.rewritten.get(i), None) for i in plan.in_flight
-            ]
-            marks += [(i, "coalesced", into, None, None) for i, into in plan.coalesced.items()]
-            marks += [(i, "dead", None, None, why) for i, why in plan.dead.items()]
-            if marks:
-                conn.execute(
-                    q.OUTBOX_CLAIM_MARK,
-                    {
-                        "ids": [m[0] for m in marks],
-                        "states": [m[1] for m in marks],
-                        "into_ids": [m[2] for m in marks],
-                        "bodies": (
-                            b"["
-                            + b",".join(m[3] if m[3] is not None else b"null" for m in marks)
-                            + b"]"
-                        ).decode(),
-                        "errors": [m[4] for m in marks],
-                        "owner": self.instance,
-                        "token": lease.token,
-                        "lease_s": self.settings.lease_s,
-                        **in_span,
-                    },
+        # Twice at most: a second time only when a late insert lowered the floor below the
+        # value this relay passed (the claim's gate then took nothing); a third such race in a
+        # row is left to the next cycle.
+        for _ in range(2):
+            with conn.transaction():
+                taken = self._take(conn, size)
+                if taken is None:
+                    continue
+                heads, fetched = taken
+                if not heads:
+                    return result, ClaimPlan(), None
+                rows = [ClaimedRow(*v) for v in fetched]
+                plan = plan_claim([h[1] for h in heads], rows, self.router.route)
+                occurred = [r.occurred_at for r in rows if r.occurred_at is not None]
+                span = (min(occurred), max(occurred)) if occurred else UNBOUNDED_SPAN
+                lease = Lease(
+                    plan.in_flight,
+                    self.settings.lease_s,
+                    claimed_at=claimed_at,
+                    clock=self.clock,
+                    span=span,
                 )
-            for reason, ids in plan.held.items():
-                conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason, **in_span})
-                log.warning(
-                    "holding %d messages: %s",
-                    len(ids),
-                    reason,
-                    extra=self.log_fields(messages=len(ids), reason=reason),
-                )
+                in_span = {"occ_lo": span[0], "occ_hi": span[1]}
+                marks: list[tuple[int, str, int | None, bytes | None, str | None]] = [
+                    (i, "in_flight", None, plan.rewritten.get(i), None) for i in plan.in_flight
+                ]
+                marks += [(i, "coalesced", into, None, None) for i, into in plan.coalesced.items()]
+                marks += [(i, "dead", None, None, why) for i, why in plan.dead.items()]
+                if marks:
+                    conn.execute(
+                        q.OUTBOX_CLAIM_MARK,
+                        {
+                            "ids": [m[0] for m in marks],
+                            "states": [m[1] for m in marks],
+                            "into_ids": [m[2] for m in marks],
+                            "bodies": (
+                                b"["
+                                + b",".join(m[3] if m[3] is not None else b"null" for m in marks)
+                                + b"]"
+                            ).decode(),
+                            "errors": [m[4] for m in marks],
+                            "owner": self.instance,
+                            "token": lease.token,
+                            "lease_s": self.settings.lease_s,
+                            **in_span,
+                        },
+                    )
+                for reason, ids in plan.held.items():
+                    conn.execute(q.OUTBOX_MARK_HELD, {"ids": ids, "reason": reason, **in_span})
+                    log.warning(
+                        "holding %d messages: %s",
+                        len(ids),
+                        reason,
+                        extra=self.log_fields(messages=len(ids), reason=reason),
+                    )
+            break
+        else:
+            return result, ClaimPlan(), None
         if plan.dead:
             # Counted with the outcomes of requests, so the dead-message rate (and its alert)
             # sees a body Customer.io could never accept as well as one it rejected.

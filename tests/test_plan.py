@@ -838,7 +838,7 @@ def test_a_track_the_database_passes_is_one_body_problem_passes(dsn: str, body: 
         )
         row = conn.execute(
             q.OUTBOX_CLAIM_FOLLOWERS,
-            {"head_ids": [0], "customer_keys": ["c"], "per_customer": 10},
+            {"head_ids": [0], "customer_keys": ["c"], "per_customer": 10, "floor": "-infinity"},
         ).fetchone()
         conn.rollback()
     assert row is not None

@@ -403,13 +403,16 @@ def test_worker_runs_the_daemons_statements(dsn: str, login_as: LoginAs) -> None
 
     with psycopg.connect(worker) as conn:
         conn.execute(q.SESSION_ASYNC_COMMIT)
-        heads = conn.execute(q.OUTBOX_CLAIM_HEADS, {"customers": 10}).fetchall()
+        heads = conn.execute(
+            q.OUTBOX_CLAIM_HEADS, {"customers": 10, "floor": "-infinity"}
+        ).fetchall()
         followers = conn.execute(
             q.OUTBOX_CLAIM_FOLLOWERS,
             {
                 "head_ids": [h[0] for h in heads],
                 "customer_keys": [h[1] for h in heads],
                 "per_customer": 10,
+                "floor": "-infinity",
             },
         ).fetchall()
         ids = [f[0] for f in followers]
