@@ -14,8 +14,8 @@ At the end of each day:
 2. **claim**: the relay is paused (SIGSTOP), a probe backlog of 100 customers x 2 rows is
    written into the day, ``OUTBOX_CLAIM_HEADS`` (customers=100) is run ``CLAIM_RUNS`` (9)
    times under ``EXPLAIN ANALYZE`` and rolled back (median execution time, planning time
-   apart, and the partitions it read; a claim takes 1-2 ms, so one scheduling hiccup of the
-   shared machine moves a median of three by a third),
+   apart, the partitions it read and the dead row versions in them; a claim takes 1-2 ms, so
+   one scheduling hiccup of the shared machine moves a median of three by a third),
    then the probe rows are cancelled and the relay resumed;
 3. **retention**: ``relay.retention.purge`` (what ``relay purge`` and the relay's hourly
    retention run), in this process, with a cutoff at the start of the oldest day to keep
@@ -149,6 +149,14 @@ def _claim(dsn: str, day: int) -> dict[str, Any]:
             {"day": day, "at": at},
         )
         conn.commit()
+        # The dead row versions of each day as the claims start, as the statistics last counted
+        # them (flushed at most once a second): what the claim's index scans may step over.
+        dead_by_day: dict[str, int] = dict(
+            conn.execute(
+                "SELECT relname, n_dead_tup FROM pg_stat_user_tables"
+                " WHERE relname LIKE 'relay_outbox_%%'"
+            ).fetchall()
+        )
         times, planning, read = [], [], set()
         for _ in range(CLAIM_RUNS):
             explained = claim_explain(dsn)
@@ -168,6 +176,7 @@ def _claim(dsn: str, day: int) -> dict[str, Any]:
         # The relay prepares its statements; an EXPLAIN plans afresh each time.
         "planning_ms": statistics.median(planning),
         "partitions_read": sorted(read),
+        "dead_tuples_read": sum(int(dead_by_day.get(name, 0)) for name in read),
         "floor": floor[0] if floor else None,
     }
 
@@ -337,6 +346,7 @@ def render(p: dict[str, Any]) -> str:
             d["claim"]["ms"],
             d["claim"]["planning_ms"],
             len(d["claim"]["partitions_read"]),
+            d["claim"].get("dead_tuples_read", "-"),
             d["purge"]["seconds"],
             d["purge"]["partitions"],
             d["purge"]["rows"],
@@ -358,6 +368,7 @@ def render(p: dict[str, Any]) -> str:
                 "claim ms",
                 "claim planning ms",
                 "partitions claim read",
+                "dead tuples in them",
                 "purge s",
                 "partitions dropped",
                 "rows dropped (est.)",
