@@ -791,7 +791,9 @@ def test_every_claimed_row_lands_in_exactly_one_place(
 # --- the claim query's fast shape check agrees with body_problem ---------------------------
 
 # jsonb cannot hold a NUL character (the mapping rejects it before any SQL).
-_keys = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=3)
+# UTF-8 characters only: PostgreSQL refuses a lone surrogate (\ud800) in JSON, so a body with
+# one can never be stored, and a key with one failed the insert, not the check under test.
+_keys = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=3)
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(["", "x", "track"]),
     lambda inner: st.lists(inner, max_size=2) | st.dictionaries(_keys, inner, max_size=2),
